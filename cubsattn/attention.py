@@ -1,0 +1,2 @@
+def LocalStridedBlockSparseAttn(): pass
+def blocksparse_prefill(): pass
