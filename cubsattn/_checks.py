@@ -67,7 +67,7 @@ def check_array(name: str, a, *, ndim: int | None = None, dtypes=None, shape=Non
     if not hasattr(a, "shape") or not hasattr(a, "dtype"):
         raise TypeError(f"{name} must be an array, got {type(a).__name__}")
     if ndim is not None and a.ndim != ndim:
-        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(a.shape)}")
+        raise ValueError(f"{name} must be {ndim}-D, got shape {list(a.shape)}")
     if dtypes is not None and np.dtype(a.dtype) not in tuple(np.dtype(d) for d in dtypes):
         allowed = ", ".join(dtype_name(d) for d in dtypes)
         raise TypeError(f"{name} has dtype {dtype_name(a.dtype)}; supported: {allowed}")
