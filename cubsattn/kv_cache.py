@@ -144,7 +144,8 @@ def float_to_fp8_e4m3(x, scale: float = 1.0) -> np.ndarray:
 
     Finite values beyond +-448 (and +-inf) saturate to +-448; NaN stays NaN. Same shape as ``x``.
     """
-    f = np.asarray(x).astype(np.float32) / np.float32(scale)
+    with np.errstate(over="ignore", invalid="ignore"):  # inf / NaN inputs are handled below
+        f = np.asarray(x).astype(np.float32) / np.float32(scale)
     # Clip first: E4M3fn has no inf, and a plain cast would turn overflow into NaN. np.clip keeps NaN.
     return np.clip(f, -FP8_E4M3_MAX, FP8_E4M3_MAX).astype(_FP8_DTYPE).view(np.uint8)
 
@@ -220,12 +221,13 @@ def write_to_paged_cache(key, value, key_cache, value_cache, slot_mapping, kv_ca
     for name, cache in (("key_cache", key_cache), ("value_cache", value_cache)):
         if not cache.flags.c_contiguous:
             raise ValueError(f"{name} must be C-contiguous (use the views returned by split_kv_cache)")
-    for name, a in (("key", key), ("value", value)):
+    for name, a in (("key", key), ("value", value)) if num_tokens else ():
+        # Strides of length-1 dimensions are never used (and NumPy may give them any value).
         isz = a.dtype.itemsize
-        if a.strides[2] != isz or a.strides[1] != head_size * isz:
+        if (head_size > 1 and a.strides[2] != isz) or (num_heads > 1 and a.strides[1] != head_size * isz):
             raise ValueError(f"{name} must be contiguous in its last two dimensions [num_kv_heads, head_size]; got "
                              f"strides {tuple(s // isz for s in a.strides)} (elements)")
-        if a.strides[0] < 0 or a.strides[0] % isz:
+        if num_tokens > 1 and (a.strides[0] < 0 or a.strides[0] % isz):
             raise ValueError(f"{name}'s token stride must be a non-negative whole number of elements, got "
                              f"{a.strides[0]} bytes")
     check_int_array("slot_mapping", slot_mapping)
@@ -262,9 +264,8 @@ def _write_numpy(key, value, key_cache, value_cache, slot_mapping, fp8, k_scale,
     k, v = key[tokens], value[tokens]
     if fp8:
         k, v = float_to_fp8_e4m3(k, k_scale), float_to_fp8_e4m3(v, v_scale)
-    heads, x = key_cache.shape[1], key_cache.shape[4]
     # Advanced indices (blk, off) around slices: the indexed result is [n_tokens, H, D // x, x] / [n_tokens, H, D].
-    key_cache[blk, :, :, off, :] = k.reshape(len(tokens), heads, -1, x)
+    key_cache[blk, :, :, off, :] = k.reshape(len(tokens), *key_cache.shape[1:3], key_cache.shape[4])
     value_cache[blk, :, :, off] = v
 
 
