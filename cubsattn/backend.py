@@ -1,0 +1,273 @@
+"""vLLM-shaped attention backend without torch: Backend (static), Metadata (per step), Impl (per layer).
+
+Batch layout, as in vLLM: prefill sequences and their tokens first, then decode sequences (one token each). Unlike
+vLLM, a batch may mix both kinds (each part is computed on its own slice and written to its own rows of one output),
+and a prefill sequence may have ``context_len > 0`` tokens already in the paged cache (chunked prefill / prefix
+caching): its new queries attend to cached + new keys with the same block rule at absolute positions.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from . import decode as _decode
+from . import kv_cache as _kv
+from ._checks import array_module, check_array, check_int, dtype_name
+from .attention import blocksparse_prefill
+from .layout import BlockSparseLayout
+from .params import BlocksparseParams
+
+#: slot_mapping value of a token whose K/V must not be written (profiling runs, CUDA-graph padding).
+PAD_SLOT_ID = -1
+
+
+@dataclass
+class BlocksparseFlashAttentionMetadata:
+    """Per-step batch description (vLLM's FlashAttention metadata fields).
+
+    Integer arrays are int32 except ``slot_mapping`` (int64), all on the step's array module (NumPy or CuPy).
+    ``P = num_prefills`` sequences come first, then ``num_decode_tokens`` decode sequences.
+
+    Attributes
+    ----------
+    num_prefills, num_prefill_tokens, num_decode_tokens : int
+    slot_mapping : int64 ``[num_tokens]``
+        Cache slot ``block * block_size + offset`` of each token's K/V; ``PAD_SLOT_ID`` (-1) skips the write.
+        Example: block table ``[7, 2]``, block size 16, position 17 -> slot ``2 * 16 + 1 = 33``.
+    seq_lens : list[int] or None
+        Total length (context + new tokens) per sequence, on the host.
+    seq_lens_tensor : int32 ``[batch]``
+    max_query_len, max_prefill_seq_len, max_decode_seq_len : int
+    query_start_loc, seq_start_loc : int32 ``[P + 1]`` (prefill part) or ``[batch + 1]``
+        Cumulative new-token counts and cumulative total lengths.
+    context_lens_tensor : int32 ``[batch]``
+        Tokens already in the cache before this step.
+    block_tables : int32 ``[batch, max_blocks]``
+        Cache block ids per sequence, zero-padded.
+    use_cuda_graph : bool
+    blocks_to_copy : int64 ``[K, 2]`` (host)
+        Copy-on-write block pairs to ``copy_blocks`` before this step's K/V writes (from the builder).
+    """
+
+    num_prefills: int
+    num_prefill_tokens: int
+    num_decode_tokens: int
+    slot_mapping: object
+    seq_lens: list | None
+    seq_lens_tensor: object
+    max_query_len: int | None
+    max_prefill_seq_len: int
+    max_decode_seq_len: int
+    query_start_loc: object | None
+    seq_start_loc: object | None
+    context_lens_tensor: object | None
+    block_tables: object
+    use_cuda_graph: bool = False
+    blocks_to_copy: object = None
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_prefill_tokens + self.num_decode_tokens
+
+    @functools.cached_property
+    def prefill_metadata(self) -> "BlocksparseFlashAttentionMetadata | None":
+        """The first ``num_prefills`` sequences and ``num_prefill_tokens`` tokens; None if there are none."""
+        if self.num_prefills == 0:
+            return None
+        P, T = self.num_prefills, self.num_prefill_tokens
+        return replace(self, num_decode_tokens=0, slot_mapping=self.slot_mapping[:T],
+                       seq_lens=None if self.seq_lens is None else self.seq_lens[:P],
+                       seq_lens_tensor=self.seq_lens_tensor[:P], max_decode_seq_len=0,
+                       query_start_loc=self.query_start_loc[:P + 1], seq_start_loc=self.seq_start_loc[:P + 1],
+                       context_lens_tensor=self.context_lens_tensor[:P], block_tables=self.block_tables[:P],
+                       use_cuda_graph=False)
+
+    @functools.cached_property
+    def decode_metadata(self) -> "BlocksparseFlashAttentionMetadata | None":
+        """The decode sequences (one token each) after the prefills; None if there are none."""
+        if self.num_decode_tokens == 0:
+            return None
+        P, T = self.num_prefills, self.num_prefill_tokens
+        return replace(self, num_prefills=0, num_prefill_tokens=0, slot_mapping=self.slot_mapping[T:],
+                       seq_lens=None, seq_lens_tensor=self.seq_lens_tensor[P:], max_query_len=None,
+                       max_prefill_seq_len=0, query_start_loc=None, seq_start_loc=None, context_lens_tensor=None,
+                       block_tables=self.block_tables[P:])
+
+
+class BlocksparseFlashAttentionImpl:
+    """One block-sparse attention layer: writes K/V to the paged cache, then runs prefill and decode.
+
+    Parameters follow vLLM's ``BlocksparseFlashAttentionImpl``. ``num_heads`` / ``num_kv_heads`` are per rank;
+    ``blocksparse_params`` is a :class:`BlocksparseParams` (or vLLM's dict plus ``tp_rank``/``tp_size`` keys) whose
+    head counts must match. ``scale`` None means ``1 / sqrt(head_size)``. Unsupported features (alibi, sliding
+    window, logits soft cap, non-decoder attention) raise at construction.
+    """
+
+    def __init__(self, num_heads: int, head_size: int, scale, num_kv_heads: int | None, alibi_slopes,
+                 sliding_window, kv_cache_dtype: str, blocksparse_params, logits_soft_cap=None,
+                 attn_type: str = "decoder"):
+        num_heads = check_int("num_heads", num_heads, minimum=1)
+        num_kv_heads = num_heads if num_kv_heads is None else check_int("num_kv_heads", num_kv_heads, minimum=1)
+        head_size = check_int("head_size", head_size, minimum=1)
+        if alibi_slopes is not None:
+            raise ValueError("alibi_slopes are not supported by block-sparse attention (pass None)")
+        if sliding_window is not None:
+            raise ValueError("sliding_window is not supported by block-sparse attention (pass None)")
+        if logits_soft_cap is not None:
+            raise ValueError("logits_soft_cap is not supported by block-sparse attention (pass None)")
+        if attn_type != "decoder":
+            raise NotImplementedError(f"attn_type {attn_type!r} is not supported; only 'decoder'")
+        if kv_cache_dtype not in _kv.KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {_kv.KV_CACHE_DTYPES}, got {kv_cache_dtype!r}")
+        if head_size not in _decode.get_supported_head_sizes():
+            raise ValueError(f"head_size {head_size} is not supported; supported: "
+                             f"{_decode.get_supported_head_sizes()}")
+        if isinstance(blocksparse_params, dict):
+            extra = {k: blocksparse_params[k] for k in ("tp_rank", "tp_size") if k in blocksparse_params}
+            rest = {k: v for k, v in blocksparse_params.items() if k not in extra}
+            rest = {"num_heads": num_heads, "num_kv_heads": num_kv_heads, **rest}   # vLLM fills these in
+            blocksparse_params = BlocksparseParams.from_vllm_dict(rest, **extra)
+        if not isinstance(blocksparse_params, BlocksparseParams):
+            raise TypeError(f"blocksparse_params must be BlocksparseParams or a dict, got "
+                            f"{type(blocksparse_params).__name__}")
+        p = blocksparse_params
+        if (p.num_heads, p.num_kv_heads) != (num_heads, num_kv_heads):
+            raise ValueError(f"blocksparse_params has num_heads={p.num_heads}, num_kv_heads={p.num_kv_heads} but "
+                             f"the layer has num_heads={num_heads}, num_kv_heads={num_kv_heads}")
+        self.num_heads, self.num_kv_heads, self.head_size = num_heads, num_kv_heads, head_size
+        self.scale = 1.0 / math.sqrt(head_size) if scale is None else float(scale)
+        self.kv_cache_dtype = kv_cache_dtype
+        self.params = p
+        self.layout = BlockSparseLayout.from_params(p)
+
+    def forward(self, query, key, value, kv_cache, attn_metadata: BlocksparseFlashAttentionMetadata,
+                k_scale: float = 1.0, v_scale: float = 1.0, output=None):
+        """Attention for one step.
+
+        Parameters
+        ----------
+        query : ``[T, num_heads * head_size]``; key, value : ``[T, num_kv_heads * head_size]`` (fp16/bf16)
+        kv_cache : ``(2, num_blocks, block_size * num_kv_heads * head_size)`` or an empty array (no cache:
+            prefill only, nothing written)
+        attn_metadata : the step's metadata (prefill tokens first)
+        output : optional ``[T, num_heads * head_size]`` buffer
+
+        Returns
+        -------
+        ``[T, num_heads * head_size]`` in query's dtype.
+        """
+        xp = array_module(query, key, value, kv_cache, output)
+        T = query.shape[0] if query.ndim else 0
+        H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_size
+        check_array("query", query, shape=(None, H * D))
+        check_array("key", key, shape=(T, Hkv * D))
+        check_array("value", value, shape=(T, Hkv * D))
+        m = attn_metadata
+        if m.num_tokens != T:
+            raise ValueError(f"attn_metadata describes {m.num_tokens} tokens but query has {T}")
+        if output is None:
+            output = xp.empty_like(query)
+        check_array("output", output, shape=(T, H * D))
+        if output.dtype != query.dtype:
+            raise TypeError(f"output dtype ({dtype_name(output.dtype)}) must equal query dtype "
+                            f"({dtype_name(query.dtype)})")
+        q = query.reshape(T, H, D)
+        k = key.reshape(T, Hkv, D)
+        v = value.reshape(T, Hkv, D)
+        out = output.reshape(T, H, D)
+        has_cache = kv_cache is not None and kv_cache.size > 0
+        if has_cache:
+            key_cache, value_cache = _kv.split_kv_cache(kv_cache, Hkv, D)
+            # Under a CUDA graph the slots cannot be checked on the host (no sync); the builder made them valid and
+            # the kernel skips out-of-range slots anyway.
+            _kv.write_to_paged_cache(k, v, key_cache, value_cache, m.slot_mapping, self.kv_cache_dtype,
+                                     k_scale, v_scale, check_slots=not m.use_cuda_graph)
+        P = m.num_prefill_tokens
+        if m.prefill_metadata is not None:
+            pm = m.prefill_metadata
+            cu_q = pm.query_start_loc
+            context = _host(pm.context_lens_tensor) if pm.context_lens_tensor is not None else None
+            if context is None or not context.any():
+                blocksparse_prefill(q[:P], k[:P], v[:P], cu_q, cu_q, self.layout, sm_scale=self.scale, out=out[:P])
+            else:
+                if not has_cache:
+                    raise ValueError("prefill sequences with context_len > 0 need the paged kv_cache")
+                k_all, v_all, cu_k = self._context_keys(xp, k[:P], v[:P], key_cache, value_cache, pm, context,
+                                                        k_scale, v_scale)
+                blocksparse_prefill(q[:P], k_all, v_all, cu_q, cu_k, self.layout, sm_scale=self.scale,
+                                    out=out[:P])
+        if m.decode_metadata is not None:
+            if not has_cache:
+                raise ValueError("decode tokens need the paged kv_cache")
+            dm = m.decode_metadata
+            p = self.params
+            _decode.forward_decode(q[P:], key_cache, value_cache, dm.block_tables, dm.seq_lens_tensor,
+                                   p.max_seqlen, self.kv_cache_dtype, Hkv, self.scale, None, k_scale, v_scale,
+                                   p.tp_rank, p.local_blocks, p.vert_stride, p.block_size, p.head_sliding_step,
+                                   out=out[P:])
+        return output
+
+    def _context_keys(self, xp, k_new, v_new, key_cache, value_cache, pm, context, k_scale, v_scale):
+        """Packed keys/values of every prefill sequence: its cached context (dequantised) then its new tokens.
+
+        This gathers contexts into temporary arrays; a paged-K/V prefill kernel will read them in place.
+        """
+        cu_q = _host(pm.query_start_loc)
+        tables = _host(pm.block_tables)
+        dtype = k_new.dtype
+        ks, vs = [], []
+        for s in range(pm.num_prefills):
+            c = int(context[s])
+            if c:
+                kc, vc = _kv.gather_kv(key_cache, value_cache, xp.asarray(tables[s]), c,
+                                       kv_cache_dtype=self.kv_cache_dtype, k_scale=k_scale, v_scale=v_scale)
+                ks.append(kc.astype(dtype))
+                vs.append(vc.astype(dtype))
+            ks.append(k_new[cu_q[s]:cu_q[s + 1]])
+            vs.append(v_new[cu_q[s]:cu_q[s + 1]])
+        cu_k = np.concatenate(([0], np.cumsum(context + np.diff(cu_q))))
+        return xp.concatenate(ks), xp.concatenate(vs), cu_k
+
+
+def _host(a):
+    return a if isinstance(a, np.ndarray) else a.get()
+
+
+class BlocksparseFlashAttentionBackend:
+    """Static, stateless entry points (vLLM's ``AttentionBackend``)."""
+
+    @staticmethod
+    def get_name() -> str:
+        return "BLOCK_SPARSE_FLASH_ATTN"
+
+    @staticmethod
+    def get_impl_cls():
+        return BlocksparseFlashAttentionImpl
+
+    @staticmethod
+    def get_metadata_cls():
+        return BlocksparseFlashAttentionMetadata
+
+    @staticmethod
+    def get_builder_cls():
+        from .metadata_builder import BlocksparseMetadataBuilder
+
+        return BlocksparseMetadataBuilder
+
+    @staticmethod
+    def get_state_cls():
+        from .cuda_graph import DecodeGraphRunner
+
+        return DecodeGraphRunner
+
+    @staticmethod
+    def make_metadata(*args, **kwargs) -> BlocksparseFlashAttentionMetadata:
+        return BlocksparseFlashAttentionMetadata(*args, **kwargs)
+
+    get_kv_cache_shape = staticmethod(_kv.get_kv_cache_shape)
+    swap_blocks = staticmethod(_kv.swap_blocks)
+    copy_blocks = staticmethod(_kv.copy_blocks)
