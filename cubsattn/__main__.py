@@ -1,4 +1,4 @@
-"""Command line: ``python -m cubsattn demo | info``."""
+"""Command line: ``python -m cubsattn demo | info | bench``."""
 
 from __future__ import annotations
 
@@ -24,7 +24,8 @@ def _device_choice(requested: str):
 
 
 def demo(args) -> int:
-    """Prefill a small Phi-3-small-shaped batch and compare with a float64 dense reference."""
+    """Layout picture and a prefill check against a float64 reference, then a Phi-3-small-shaped stack of layers
+    prefilling prompts and decoding through the paged cache (GPU if present, else NumPy at a smaller size)."""
     import ml_dtypes
 
     from . import BlockSparseLayout, BlocksparseParams, blocksparse_prefill
@@ -69,7 +70,17 @@ def demo(args) -> int:
     print(f"max |block-sparse - dense causal| reference     = {diff:.2e}  (what the sparsity changes)")
     ok = err < 2e-2
     print("check:", "OK" if ok else "FAILED")
-    return 0 if ok else 1
+    if args.layers_only:
+        return 0 if ok else 1
+
+    from .demo import PHI3_SMALL, SMALL, run_demo
+
+    print()
+    if xp is np:
+        stack_ok = run_demo(SMALL, xp, [200, 130, 64], args.decode_steps or 16)
+    else:
+        stack_ok = run_demo(PHI3_SMALL, xp, [4096, 2048, 1000, 500], args.decode_steps or 64)
+    return 0 if ok and stack_ok else 1
 
 
 def info(args) -> int:
@@ -108,14 +119,43 @@ def info(args) -> int:
     return 0
 
 
+def bench(args) -> int:
+    """Run the benchmark scripts of benchmarks/ one after another, streaming their tables."""
+    import subprocess
+    from pathlib import Path
+
+    from . import gpu_available
+
+    root = Path(__file__).resolve().parent.parent / "benchmarks"
+    scripts = sorted(root.glob("bench_*.py")) if root.is_dir() else []
+    if args.only:
+        scripts = [s for s in scripts if any(o in s.stem for o in args.only)]
+    if not scripts:
+        print(f"no benchmark scripts found under {root} (they ship with the source checkout)")
+        return 1
+    if not gpu_available():
+        print("benchmarks need a CUDA device (see `python -m cubsattn info`)")
+        return 1
+    status = 0
+    for i, script in enumerate(scripts, 1):
+        print(f"[{i}/{len(scripts)}] {script.name}", flush=True)
+        status |= subprocess.run([sys.executable, str(script)], check=False).returncode
+    return status
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cubsattn", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("demo", help="run a small block-sparse prefill and check it against a float64 reference")
     p.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto")
+    p.add_argument("--decode-steps", type=int, default=None, help="tokens to decode per sequence")
+    p.add_argument("--layers-only", action="store_true", help="only the layout and prefill check")
     p.set_defaults(func=demo)
     p = sub.add_parser("info", help="print versions, devices and the kernel cache state")
     p.set_defaults(func=info)
+    p = sub.add_parser("bench", help="run the benchmark scripts (GPU) and print their tables")
+    p.add_argument("only", nargs="*", help="substrings selecting scripts, e.g. prefill decode")
+    p.set_defaults(func=bench)
     args = parser.parse_args(argv)
     return args.func(args)
 
