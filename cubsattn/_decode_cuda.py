@@ -1,0 +1,150 @@
+"""Launchers for cuda_src/decode.cu: block-sparse paged decode, its split-KV heuristic and workspace cache.
+
+The caller (``cubsattn.decode.forward_decode``) has validated every argument; this module only picks the split count,
+finds or allocates the split workspace and launches. Nothing here synchronises with the host, and once a workspace of
+a given shape exists nothing allocates, so the launches can be captured in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from . import _kernels
+
+HEAD_SIZES = (64, 80, 96, 128, 256)
+CACHE_BLOCK_SIZES = (8, 16, 32)
+#: Query heads per kv head: a CTA computes a group padded to 4 or 8 heads (``GROUP_WIDTHS``).
+MAX_GROUP = 8
+GROUP_WIDTHS = (4, 8)
+THREADS = 128
+#: Mirrors decode.cu: tokens per pipeline stage and the longest split (in cache blocks) one CTA can list.
+STAGE_TOKENS = 32
+MAX_SPLIT_BLOCKS = 512
+#: Split heuristic: aim for this many CTAs per SM, but never split a sequence into pieces shorter than
+#: MIN_SPLIT_TOKENS (each split pays a block-list prologue, a pipeline fill and a combine share).
+TARGET_CTAS_PER_SM = 8
+MIN_SPLIT_TOKENS = 1024
+
+_CACHE_CTYPES = ("T", "unsigned char")  # "auto" cache (same type as the query) and fp8 E4M3 bytes
+
+
+def _kernel_name(ctype: str, cache_ctype: str, head_size: int, group_width: int) -> str:
+    return f"cubsattn::decode::paged_decode<{ctype}, {cache_ctype}, {head_size}, {group_width}>"
+
+
+def _combine_name(ctype: str) -> str:
+    return f"cubsattn::decode::paged_decode_combine<{ctype}>"
+
+
+def _name_expressions() -> tuple[str, ...]:
+    names = []
+    for ctype in _kernels.CTYPE.values():
+        for cache in _CACHE_CTYPES:
+            for d in HEAD_SIZES:
+                for g in GROUP_WIDTHS:
+                    names.append(_kernel_name(ctype, ctype if cache == "T" else cache, d, g))
+        names.append(_combine_name(ctype))
+    return tuple(names)
+
+
+SOURCE = _kernels.register(_kernels.KernelSource("decode.cu", _name_expressions()))
+
+
+def group_width(group: int) -> int:
+    """The compiled group width (4 or 8) that computes ``group`` query heads per kv head."""
+    return next(g for g in GROUP_WIDTHS if group <= g)
+
+
+def smem_bytes(cache_itemsize: int, head_size: int, width: int) -> int:
+    """Dynamic shared memory of one CTA: decode.cu's ``Smem<CT, HEAD, GMAX>::kBytes`` (the kernel traps if less)."""
+    stage = 2 * STAGE_TOKENS * head_size * cache_itemsize
+    stages = 4 if stage <= 16384 else 3
+    warps = THREADS // 32
+    return (stages * stage + width * head_size * 4 + warps * width * 32 * 4 + width * 32 * 4 + width * 4
+            + width * 8 + MAX_SPLIT_BLOCKS * 8 + warps * 4)
+
+
+def min_num_splits(context_len: int, block_size: int) -> int:
+    """Fewest splits that keep each split within MAX_SPLIT_BLOCKS cache blocks."""
+    return max(1, math.ceil(math.ceil(context_len / block_size) / MAX_SPLIT_BLOCKS))
+
+
+def choose_num_splits(num_seqs: int, num_kv_heads: int, context_len: int, block_size: int, num_sms: int) -> int:
+    """Split count for ``num_seqs`` sequences of up to ``context_len`` tokens.
+
+    One CTA per (sequence, kv head, split): enough splits to give every SM about TARGET_CTAS_PER_SM CTAs, but no
+    split shorter than MIN_SPLIT_TOKENS, and no fewer than ``min_num_splits``. Examples on 132 SMs, 8 kv heads,
+    cache block 16: 256 x 2k -> 1 split (2048 CTAs); 64 x 8k -> 3; 16 x 32k -> 9; 1 x 128k -> 128 (1024 CTAs).
+    """
+    units = max(1, num_seqs * num_kv_heads)
+    want = math.ceil(TARGET_CTAS_PER_SM * num_sms / units)
+    longest = max(1, context_len // MIN_SPLIT_TOKENS)
+    splits = max(min_num_splits(context_len, block_size), min(want, longest), 1)
+    # Equal chunks of whole cache blocks; drop splits that the rounding left empty.
+    nblk = max(1, math.ceil(context_len / block_size))
+    return math.ceil(nblk / math.ceil(nblk / splits))
+
+
+_WORKSPACES: dict[tuple, tuple] = {}
+
+
+def _workspace(num_seqs: int, num_heads: int, num_splits: int, head_size: int):
+    """Split partials ``(part_o float32 [S, Hq, splits, D], part_ml float32 [S, Hq, splits, 2])``, allocated once per
+    (device, shape) and reused by every later call, so that a captured CUDA graph keeps pointing at live memory."""
+    import cupy
+
+    key = (cupy.cuda.Device().id, num_seqs, num_heads, num_splits, head_size)
+    ws = _WORKSPACES.get(key)
+    if ws is None:
+        ws = (cupy.empty((num_seqs, num_heads, num_splits, head_size), dtype=cupy.float32),
+              cupy.empty((num_seqs, num_heads, num_splits, 2), dtype=cupy.float32))
+        _WORKSPACES[key] = ws
+    return ws
+
+
+def paged_decode(query, key_cache, value_cache, block_tables, seq_lens, out, *, max_seq_len: int, context_len: int,
+                 fp8: bool, scale: float, k_scale: float, v_scale: float, tp_rank: int, local_blocks: int,
+                 vert_stride: int, sparse_block: int, sliding_step: int, num_splits: int | None) -> None:
+    """Launch the decode kernel (and the combine kernel when split) on the current stream.
+
+    ``block_tables`` int32 ``[S, max_blocks]`` (unit column stride) and ``seq_lens`` int32 ``[S]`` are device arrays;
+    ``context_len`` bounds every sequence (the longest host seq_len, or ``max_seq_len``) and sizes the splits;
+    ``out`` is a contiguous ``[S, Hq, D]`` array of the query dtype.
+    """
+    num_seqs, num_heads, head_size = query.shape
+    num_blocks, num_kv_heads = key_cache.shape[:2]
+    block_size = value_cache.shape[3]
+    group = num_heads // num_kv_heads
+    width = group_width(group)
+    if num_seqs == 0:
+        return
+    if num_splits is None:
+        num_splits = choose_num_splits(num_seqs, num_kv_heads, context_len, block_size, _kernels.num_sms())
+    chunk_blocks = math.ceil(math.ceil(max(context_len, 1) / block_size) / num_splits)
+
+    ctype = _kernels.ctype(query.dtype)
+    cache_ctype = "unsigned char" if fp8 else ctype
+    kernel = _kernels.get_function(SOURCE.filename, _kernel_name(ctype, cache_ctype, head_size, width))
+    smem = smem_bytes(key_cache.dtype.itemsize, head_size, width)
+    if kernel.max_dynamic_shared_size_bytes < smem:
+        kernel.max_dynamic_shared_size_bytes = smem
+    if num_splits > 1:
+        part_o, part_ml = _workspace(num_seqs, num_heads, num_splits, head_size)
+    else:
+        part_o = part_ml = out  # not touched by a single-split launch
+    item = query.dtype.itemsize
+    kernel((num_splits, num_kv_heads, num_seqs), (THREADS,),
+           (out, part_o, part_ml, query, key_cache, value_cache, block_tables, seq_lens,
+            np.int32(query.strides[0] // item), np.int32(query.strides[1] // item), np.int32(num_blocks),
+            np.int32(block_tables.shape[1]), np.int32(block_tables.strides[0] // 4), np.int32(max_seq_len),
+            np.int32(block_size.bit_length() - 1), np.int32(num_kv_heads), np.int32(group),
+            np.float32(scale * k_scale * math.log2(math.e)), np.float32(v_scale), np.int32(tp_rank),
+            np.int32(local_blocks), np.int32(vert_stride), np.int32(sparse_block), np.int32(sliding_step),
+            np.int32(chunk_blocks)),
+           shared_mem=smem)
+    if num_splits > 1:
+        combine = _kernels.get_function(SOURCE.filename, _combine_name(ctype))
+        combine((num_heads, num_seqs), (THREADS,), (out, part_o, part_ml, np.int32(num_splits), np.int32(head_size)),
+                shared_mem=4 * num_splits)

@@ -1,0 +1,532 @@
+// paged_decode: block-sparse paged attention of one query token per sequence (vLLM decode), GQA-aware, split-KV.
+// query/out [S, Hq, D]; key_cache [num_blocks, Hkv, D/x, BS, x] and value_cache [num_blocks, Hkv, D, BS] (vLLM's
+// layout, x = 16 bytes / element); block_tables int32 [S, max_blocks]; seq_lens int32 [S].
+// Grid (num_splits, Hkv, S) x 128 threads: one CTA computes all Hq/Hkv query heads of one kv head over one split (a
+// range of logical cache blocks), reading each block that any of those heads needs once. paged_decode_combine (grid
+// (Hq, S)) merges the splits' partial outputs when num_splits > 1; with one split the CTA writes `out` directly.
+#include "common.cuh"
+#include "layout.cuh"
+
+namespace cubsattn {
+namespace decode {
+
+constexpr int kThreads = 128;
+constexpr int kWarps = kThreads / 32;
+// Tokens per pipeline stage: one lane per token in the QK product, so a stage is 1, 2 or 4 cache blocks (BS 32/16/8).
+constexpr int kStageTokens = 32;
+// Logical cache blocks one CTA may cover (its compacted block list lives in shared memory). The host heuristic
+// (cubsattn/_decode_cuda.py, MAX_SPLIT_BLOCKS) never asks for more.
+constexpr int kMaxSplitBlocks = 512;
+
+// Compile-time shapes of one (cache element, head size) instantiation.
+template <typename CT, int HEAD>
+struct Shape {
+  static constexpr int kX = 16 / (int)sizeof(CT);          // elements per 16-byte K chunk (vLLM's x)
+  static constexpr int kChunks = HEAD / kX;                 // K chunks per token
+  static constexpr int kVBytes = 8 * (int)sizeof(CT);       // one V chunk: 8 tokens of one channel d
+  static constexpr int kKStageBytes = kStageTokens * HEAD * (int)sizeof(CT);
+  static constexpr int kStageBytes = 2 * kKStageBytes;      // K then V
+  // 4 stages keep >= 48 KB in flight per CTA for D <= 128 (bf16); 3 stages for D = 256 keep two CTAs per SM.
+  static constexpr int kStages = kStageBytes <= 16384 ? 4 : 3;
+  static constexpr int kPairs = 4 * HEAD;                   // (channel d, 8-token group g) pairs of a stage's V
+  static constexpr int kPairsPerThread = (kPairs + kThreads - 1) / kThreads;
+  static_assert(HEAD % kX == 0, "head size must be a multiple of x");
+};
+
+// Shared-memory carve-up (bytes); the host computes the same total via paged_decode_smem_bytes().
+template <typename CT, int HEAD, int GMAX>
+struct Smem {
+  using S = Shape<CT, HEAD>;
+  static constexpr int kStagesOff = 0;
+  static constexpr int kQOff = S::kStages * S::kStageBytes;                    // float q[GMAX][HEAD]
+  static constexpr int kRedOff = kQOff + GMAX * HEAD * 4;                      // float red[kWarps][GMAX][32]
+  static constexpr int kPOff = kRedOff + kWarps * GMAX * 32 * 4;               // float p[GMAX][32]
+  static constexpr int kAlphaOff = kPOff + GMAX * 32 * 4;                      // float alpha[GMAX]
+  static constexpr int kMlOff = kAlphaOff + GMAX * 4;                          // float2 ml[GMAX]
+  static constexpr int kListOff = kMlOff + GMAX * 8;                           // int2 list[kMaxSplitBlocks]
+  static constexpr int kCountOff = kListOff + kMaxSplitBlocks * 8;             // int count[kWarps]
+  static constexpr int kBytes = kCountOff + kWarps * 4;
+  // The epilogue reduces the per-group accumulators through the (drained) stage buffers.
+  static_assert(4 * GMAX * HEAD * 4 <= S::kStages * S::kStageBytes, "epilogue scratch must fit the stages");
+};
+
+// ---------------------------------------------------------------------------------------------------------------
+// Asynchronous global -> shared copies (sm_80+): the stage pipeline keeps several cache blocks in flight per CTA.
+
+__device__ __forceinline__ void cp_async_16(void* smem_dst, const void* gmem_src) {
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem_dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(gmem_src));
+}
+
+__device__ __forceinline__ void cp_async_8(void* smem_dst, const void* gmem_src) {
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem_dst));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(dst), "l"(gmem_src));
+}
+
+template <int BYTES>
+__device__ __forceinline__ void cp_async(void* smem_dst, const void* gmem_src) {
+  if constexpr (BYTES == 16) {
+    cp_async_16(smem_dst, gmem_src);
+  } else {
+    cp_async_8(smem_dst, gmem_src);
+  }
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
+// ---------------------------------------------------------------------------------------------------------------
+// Cache element -> fp32. fp8 E4M3 (uint8) bits are moved under fp16's exponent/mantissa, which is exact and yields
+// value * 2^-8 (the bias differs by 8); kFp8Unbias undoes that together with k_scale / v_scale, once per score or
+// output instead of once per element.
+
+template <typename CT>
+struct Convert;
+
+template <>
+struct Convert<__nv_bfloat16> {
+  static constexpr float kFp8Unbias = 1.0f;
+  // 8 bf16 (one 16-byte chunk) -> 8 floats: a bf16 is the top half of an fp32.
+  __device__ __forceinline__ static void chunk16(const uint4& r, float* f) {
+    const unsigned w[4] = {r.x, r.y, r.z, r.w};
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      f[2 * k] = __uint_as_float(w[k] << 16);
+      f[2 * k + 1] = __uint_as_float(w[k] & 0xffff0000u);
+    }
+  }
+  __device__ __forceinline__ static void tokens8(const void* p, float* f) { chunk16(*static_cast<const uint4*>(p), f); }
+};
+
+template <>
+struct Convert<__half> {
+  static constexpr float kFp8Unbias = 1.0f;
+  __device__ __forceinline__ static void chunk16(const uint4& r, float* f) {
+    const unsigned w[4] = {r.x, r.y, r.z, r.w};
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      const float2 v = __half22float2(*reinterpret_cast<const __half2*>(&w[k]));
+      f[2 * k] = v.x;
+      f[2 * k + 1] = v.y;
+    }
+  }
+  __device__ __forceinline__ static void tokens8(const void* p, float* f) { chunk16(*static_cast<const uint4*>(p), f); }
+};
+
+template <>
+struct Convert<unsigned char> {
+  static constexpr float kFp8Unbias = 256.0f;
+  // 4 E4M3 bytes -> 4 floats (times 2^-8).
+  __device__ __forceinline__ static void word(unsigned w, float* f) {
+    unsigned lo = __byte_perm(w, 0u, 0x1404);  // (b1 << 24) | (b0 << 8)
+    unsigned hi = __byte_perm(w, 0u, 0x3424);  // (b3 << 24) | (b2 << 8)
+    lo = (lo & 0x80008000u) | ((lo & 0x7f007f00u) >> 1);
+    hi = (hi & 0x80008000u) | ((hi & 0x7f007f00u) >> 1);
+    const float2 a = __half22float2(*reinterpret_cast<const __half2*>(&lo));
+    const float2 b = __half22float2(*reinterpret_cast<const __half2*>(&hi));
+    f[0] = a.x;
+    f[1] = a.y;
+    f[2] = b.x;
+    f[3] = b.y;
+  }
+  __device__ __forceinline__ static void chunk16(const uint4& r, float* f) {
+    word(r.x, f);
+    word(r.y, f + 4);
+    word(r.z, f + 8);
+    word(r.w, f + 12);
+  }
+  __device__ __forceinline__ static void tokens8(const void* p, float* f) {
+    const uint2 r = *static_cast<const uint2*>(p);
+    word(r.x, f);
+    word(r.y, f + 4);
+  }
+};
+
+__device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
+
+// ---------------------------------------------------------------------------------------------------------------
+// Main kernel. T: query/output element; CT: cache element (T, or unsigned char for fp8 E4M3); GMAX: 4 or 8, the
+// padded group width (group = Hq/Hkv <= GMAX; padded heads are computed but masked).
+//
+// Per CTA: (1) scan the split's logical cache blocks, apply the sparse rule per head at sparse-block granularity and
+// compact the blocks that any head of the group needs into a shared list (physical id, head mask, valid tokens);
+// (2) stream that list through a cp.async pipeline, 32 tokens per stage: QK on CUDA cores (warp = a quarter of the
+// channels, lane = token), online softmax in fp32 (warp = head), PV (thread = (channel, 8-token group) pairs);
+// (3) reduce, normalise, write `out` (one split) or the split's partial output and (max, sum) statistics.
+
+// __launch_bounds__ min 2 CTAs: without it ptxas capped some instantiations at 128 registers and spilled; shared
+// memory limits residency to 2-3 CTAs per SM anyway.
+template <typename T, typename CT, int HEAD, int GMAX>
+__global__ void __launch_bounds__(kThreads, 2) paged_decode(
+    T* __restrict__ out,                     // [S, Hq, HEAD], contiguous; written when gridDim.x == 1
+    float* __restrict__ part_o,              // [S, Hq, num_splits, HEAD]: normalised split outputs
+    float2* __restrict__ part_ml,            // [S, Hq, num_splits]: (max score in log2 units, sum of exp2)
+    const T* __restrict__ query,             // [S, Hq, HEAD], strides (q_stride_s, q_stride_h, 1)
+    const CT* __restrict__ key_cache,        // [num_blocks, Hkv, HEAD/x, BS, x]
+    const CT* __restrict__ value_cache,      // [num_blocks, Hkv, HEAD, BS]
+    const int* __restrict__ block_tables,    // [S, max_blocks], row stride bt_stride
+    const int* __restrict__ seq_lens,        // [S]
+    int q_stride_s, int q_stride_h, int num_blocks, int max_blocks, int bt_stride, int max_seq_len,
+    int log2_bs,          // log2 of the cache block size (3, 4 or 5)
+    int num_kv_heads, int group,
+    float qk_scale_log2,  // scale * k_scale * log2(e)
+    float v_scale, int tp_rank, int local_blocks,
+    int vert_stride,      // <= 1: dense
+    int sparse_block, int sliding_step,
+    int chunk_blocks) {   // logical cache blocks per split
+  using S = Shape<CT, HEAD>;
+  using M = Smem<CT, HEAD, GMAX>;
+  using Cv = Convert<CT>;
+  extern __shared__ __align__(16) unsigned char smem[];
+  float* q_s = reinterpret_cast<float*>(smem + M::kQOff);
+  float* red_s = reinterpret_cast<float*>(smem + M::kRedOff);
+  float* p_s = reinterpret_cast<float*>(smem + M::kPOff);
+  float* alpha_s = reinterpret_cast<float*>(smem + M::kAlphaOff);
+  float2* ml_s = reinterpret_cast<float2*>(smem + M::kMlOff);
+  int2* list_s = reinterpret_cast<int2*>(smem + M::kListOff);
+  int* count_s = reinterpret_cast<int*>(smem + M::kCountOff);
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  {
+    unsigned dyn;  // the host computes the carve-up size separately: a mismatch must fail loudly, not corrupt
+    asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dyn));
+    if (dyn < (unsigned)M::kBytes) __trap();
+  }
+  const int num_splits = gridDim.x;
+  // The last split holds the dense local window (the most work): schedule it first.
+  const int split = num_splits - 1 - blockIdx.x;
+  const int kvh = blockIdx.y, seq = blockIdx.z;
+  const int bs = 1 << log2_bs;
+  const int num_heads = num_kv_heads * group;
+  const int h0 = kvh * group;
+
+  // Clamp so that no input can make the kernel read outside the cache or the block table.
+  int len = min(seq_lens[seq], max_seq_len);
+  len = min(len, max_blocks << log2_bs);
+  const int nblk = len > 0 ? ((len - 1) >> log2_bs) + 1 : 0;
+  const int j0 = split * chunk_blocks;
+  const int j1 = min(min(j0 + chunk_blocks, nblk), j0 + kMaxSplitBlocks);
+
+  if (j0 >= j1) {  // nothing of this sequence in this split
+    if (num_splits == 1) {
+      for (int q = tid; q < group * HEAD; q += kThreads)
+        out[((size_t)seq * num_heads + h0) * HEAD + q] = from_float<T>(0.0f);
+    } else if (tid < group) {
+      part_ml[((size_t)seq * num_heads + h0 + tid) * num_splits + split] = make_float2(neg_inf(), 0.0f);
+    }
+    return;
+  }
+
+  // ---- (1) compact the blocks the group needs ------------------------------------------------------------------
+  const int q_sb = (len - 1) / sparse_block;
+  int offset[GMAX];
+#pragma unroll
+  for (int i = 0; i < GMAX; ++i) {
+    offset[i] = sliding_step >= 0 ? (tp_rank * num_heads + h0 + i) * sliding_step + 1
+                                  : (tp_rank * num_kv_heads + kvh) * (-sliding_step) + 1;
+  }
+  const unsigned all_heads = (1u << group) - 1u;
+  int n_act = 0;
+  for (int base = j0; base < j1; base += kThreads) {
+    const int j = base + tid;
+    unsigned mask = 0;
+    int phys = 0;
+    if (j < j1) {
+      phys = block_tables[(size_t)seq * bt_stride + j];
+      if (phys >= 0 && phys < num_blocks) {  // ids outside the cache are ignored
+        if (vert_stride <= 1) {
+          mask = all_heads;
+        } else {
+          const int k_sb = (j << log2_bs) / sparse_block;
+#pragma unroll
+          for (int i = 0; i < GMAX; ++i) {
+            if (i < group && is_block_active(q_sb, k_sb, offset[i], local_blocks, vert_stride)) mask |= 1u << i;
+          }
+        }
+      }
+    }
+    const unsigned ballot = __ballot_sync(0xffffffffu, mask != 0);
+    if (lane == 0) count_s[warp] = __popc(ballot);
+    __syncthreads();
+    int before = n_act, total = 0;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) {
+      before += w < warp ? count_s[w] : 0;
+      total += count_s[w];
+    }
+    if (mask != 0) {
+      const int ntok = min(bs, len - (j << log2_bs));
+      list_s[before + __popc(ballot & ((1u << lane) - 1u))] = make_int2(phys, (int)mask | (ntok << 8));
+    }
+    n_act += total;
+    __syncthreads();  // count_s is rewritten by the next round
+  }
+
+  for (int q = tid; q < GMAX * HEAD; q += kThreads) {
+    const int i = q / HEAD, d = q % HEAD;
+    q_s[q] = i < group ? to_float<T>(query[(size_t)seq * q_stride_s + (size_t)(h0 + i) * q_stride_h + d]) : 0.0f;
+  }
+  __syncthreads();  // list_s and q_s complete
+
+  // ---- (2) stream the active blocks -----------------------------------------------------------------------------
+  const int blocks_per_stage = kStageTokens >> log2_bs;
+  const int n_stages = (n_act + blocks_per_stage - 1) / blocks_per_stage;
+  const size_t block_elems = (size_t)HEAD << log2_bs;  // one (block, kv head) slice of K or of V
+
+  // Stage layout: K as [chunk c][stage token t] 16-byte chunks (lane = token reads consecutive chunks); V as
+  // [8-token group g][channel d] chunks of 8 tokens (threads = consecutive d read consecutive chunks).
+  auto load_stage = [&](int stage, int buf) {
+    unsigned char* kbuf = smem + M::kStagesOff + buf * S::kStageBytes;
+    unsigned char* vbuf = kbuf + S::kKStageBytes;
+    const int first = stage * blocks_per_stage;
+    // K: per block, HEAD/x chunks x BS tokens, contiguous in global memory; index = (block, c, token).
+    for (int q = tid; q < kStageTokens * S::kChunks; q += kThreads) {
+      const int tt = q & (bs - 1);
+      const int rest = q >> log2_bs;
+      const int c = rest % S::kChunks, e = rest / S::kChunks;
+      if (first + e < n_act) {
+        const size_t blk = (size_t)list_s[first + e].x * num_kv_heads + kvh;
+        cp_async_16(kbuf + (c * kStageTokens + (e << log2_bs) + tt) * 16,
+                    key_cache + blk * block_elems + (size_t)(c * bs + tt) * S::kX);
+      }
+    }
+    // V: per block, HEAD rows of BS tokens; index = (block, d, 8-token group within the block).
+    const int log2_gpb = log2_bs - 3;  // 8-token groups per block: 1, 2 or 4
+    for (int q = tid; q < S::kPairs; q += kThreads) {
+      const int gg = q & ((1 << log2_gpb) - 1);
+      const int rest = q >> log2_gpb;
+      const int d = rest % HEAD, e = rest / HEAD;
+      if (first + e < n_act) {
+        const size_t blk = (size_t)list_s[first + e].x * num_kv_heads + kvh;
+        const int g = (e << log2_gpb) + gg;
+        cp_async<S::kVBytes>(vbuf + (g * HEAD + d) * S::kVBytes,
+                             value_cache + blk * block_elems + (size_t)d * bs + gg * 8);
+      }
+    }
+  };
+
+#pragma unroll
+  for (int st = 0; st < S::kStages - 1; ++st) {
+    if (st < n_stages) load_stage(st, st);
+    cp_async_commit();
+  }
+
+  constexpr int kHeadsPerWarp = (GMAX + kWarps - 1) / kWarps;  // softmax: warp w owns heads w, w + 4
+  float m_run[kHeadsPerWarp], l_lane[kHeadsPerWarp];
+#pragma unroll
+  for (int ii = 0; ii < kHeadsPerWarp; ++ii) {
+    m_run[ii] = neg_inf();
+    l_lane[ii] = 0.0f;
+  }
+  float acc[S::kPairsPerThread][GMAX];
+#pragma unroll
+  for (int k = 0; k < S::kPairsPerThread; ++k)
+#pragma unroll
+    for (int i = 0; i < GMAX; ++i) acc[k][i] = 0.0f;
+
+  const float score_mul = qk_scale_log2 * Cv::kFp8Unbias;
+  for (int st = 0; st < n_stages; ++st) {
+    cp_async_wait<S::kStages - 2>();
+    __syncthreads();  // stage st landed for every thread; buffer (st - 1) % kStages is free again
+    {
+      const int next = st + S::kStages - 1;
+      if (next < n_stages) load_stage(next, next % S::kStages);
+      cp_async_commit();
+    }
+    const unsigned char* kbuf = smem + M::kStagesOff + (st % S::kStages) * S::kStageBytes;
+    const unsigned char* vbuf = kbuf + S::kKStageBytes;
+    const int first = st * blocks_per_stage;
+
+    // QK: lane = token of the stage, warp = every 4th chunk of channels; partial dots summed through red_s.
+    {
+      float sc[GMAX];
+#pragma unroll
+      for (int i = 0; i < GMAX; ++i) sc[i] = 0.0f;
+#pragma unroll
+      for (int c0 = 0; c0 < S::kChunks; c0 += kWarps) {
+        const int c = c0 + warp;
+        if (c < S::kChunks) {
+          float kf[S::kX];
+          Cv::chunk16(*reinterpret_cast<const uint4*>(kbuf + (c * kStageTokens + lane) * 16), kf);
+#pragma unroll
+          for (int i = 0; i < GMAX; ++i) {
+            const float4* qv = reinterpret_cast<const float4*>(q_s + i * HEAD + c * S::kX);
+#pragma unroll
+            for (int v = 0; v < S::kX / 4; ++v) {
+              const float4 qq = qv[v];
+              sc[i] = fmaf(qq.x, kf[4 * v], sc[i]);
+              sc[i] = fmaf(qq.y, kf[4 * v + 1], sc[i]);
+              sc[i] = fmaf(qq.z, kf[4 * v + 2], sc[i]);
+              sc[i] = fmaf(qq.w, kf[4 * v + 3], sc[i]);
+            }
+          }
+        }
+      }
+#pragma unroll
+      for (int i = 0; i < GMAX; ++i) red_s[(warp * GMAX + i) * 32 + lane] = sc[i];
+    }
+    __syncthreads();
+
+    // Online softmax in base 2: warp w updates heads w and w + 4; lane = token.
+    {
+      const int e = lane >> log2_bs, tt = lane & (bs - 1);
+      const int meta = first + e < n_act ? list_s[first + e].y : 0;  // absent block: no head, no token
+      const bool tok_ok = tt < (meta >> 8);
+#pragma unroll
+      for (int ii = 0; ii < kHeadsPerWarp; ++ii) {
+        const int i = warp + ii * kWarps;
+        if (i < GMAX) {
+          float x = 0.0f;
+#pragma unroll
+          for (int w = 0; w < kWarps; ++w) x += red_s[(w * GMAX + i) * 32 + lane];
+          // select, not multiply: a masked token's score may be computed from garbage (even NaN)
+          x = tok_ok && ((meta >> i) & 1) ? x * score_mul : neg_inf();
+          const float m_new = fmaxf(m_run[ii], warp_max(x));
+          const float m_use = m_new == neg_inf() ? 0.0f : m_new;  // all masked so far: p = 0, alpha irrelevant
+          const float p = exp2f(x - m_use);
+          const float alpha = exp2f(m_run[ii] - m_use);
+          l_lane[ii] = l_lane[ii] * alpha + p;
+          m_run[ii] = m_new;
+          p_s[i * 32 + lane] = p;
+          if (lane == 0) alpha_s[i] = alpha;
+        }
+      }
+    }
+    __syncthreads();
+
+    // PV: thread = pairs (channel d, 8-token group g), fixed across stages, so acc stays in registers.
+    {
+      float alpha[GMAX];
+#pragma unroll
+      for (int i = 0; i < GMAX; ++i) alpha[i] = alpha_s[i];
+#pragma unroll
+      for (int k = 0; k < S::kPairsPerThread; ++k) {
+        const int pair = tid + k * kThreads;
+        if (pair < S::kPairs) {
+          const int d = pair % HEAD, g = pair / HEAD;
+#pragma unroll
+          for (int i = 0; i < GMAX; ++i) acc[k][i] *= alpha[i];
+          const int e = (g * 8) >> log2_bs;
+          if (first + e < n_act) {  // an absent block's buffer holds stale or uninitialised data: skip it
+            float vf[8];
+            Cv::tokens8(vbuf + (g * HEAD + d) * S::kVBytes, vf);
+            const int valid = (list_s[first + e].y >> 8) - ((g * 8) & (bs - 1));
+            if (valid < 8) {  // tokens past the sequence end: p is 0 but the cache may hold NaN there
+#pragma unroll
+              for (int t = 0; t < 8; ++t) vf[t] = t < valid ? vf[t] : 0.0f;
+            }
+#pragma unroll
+            for (int i = 0; i < GMAX; ++i) {
+              const float4 p0 = *reinterpret_cast<const float4*>(p_s + i * 32 + g * 8);
+              const float4 p1 = *reinterpret_cast<const float4*>(p_s + i * 32 + g * 8 + 4);
+              float a = acc[k][i];
+              a = fmaf(p0.x, vf[0], a);
+              a = fmaf(p0.y, vf[1], a);
+              a = fmaf(p0.z, vf[2], a);
+              a = fmaf(p0.w, vf[3], a);
+              a = fmaf(p1.x, vf[4], a);
+              a = fmaf(p1.y, vf[5], a);
+              a = fmaf(p1.z, vf[6], a);
+              a = fmaf(p1.w, vf[7], a);
+              acc[k][i] = a;
+            }
+          }
+        }
+      }
+    }
+  }
+
+  // ---- (3) epilogue ---------------------------------------------------------------------------------------------
+  cp_async_wait<0>();
+  __syncthreads();  // every stage consumed: the stage buffers become scratch
+#pragma unroll
+  for (int ii = 0; ii < kHeadsPerWarp; ++ii) {
+    const int i = warp + ii * kWarps;
+    if (i < GMAX) {
+      const float l = warp_sum(l_lane[ii]);
+      if (lane == 0) ml_s[i] = make_float2(m_run[ii], l);
+    }
+  }
+  float* o_s = reinterpret_cast<float*>(smem + M::kStagesOff);  // [4 groups][GMAX][HEAD]
+#pragma unroll
+  for (int k = 0; k < S::kPairsPerThread; ++k) {
+    const int pair = tid + k * kThreads;
+    if (pair < S::kPairs) {
+      const int d = pair % HEAD, g = pair / HEAD;
+#pragma unroll
+      for (int i = 0; i < GMAX; ++i) o_s[(g * GMAX + i) * HEAD + d] = acc[k][i];
+    }
+  }
+  __syncthreads();
+  const float v_mul = v_scale * Cv::kFp8Unbias;
+  for (int q = tid; q < group * HEAD; q += kThreads) {
+    const int i = q / HEAD, d = q % HEAD;
+    float o = 0.0f;
+#pragma unroll
+    for (int g = 0; g < 4; ++g) o += o_s[(g * GMAX + i) * HEAD + d];
+    const float l = ml_s[i].y;
+    o = l > 0.0f ? o * (v_mul / l) : 0.0f;
+    if (num_splits == 1) {
+      out[((size_t)seq * num_heads + h0 + i) * HEAD + d] = from_float<T>(o);
+    } else {
+      part_o[(((size_t)seq * num_heads + h0 + i) * num_splits + split) * HEAD + d] = o;
+    }
+  }
+  if (num_splits > 1 && tid < group) part_ml[((size_t)seq * num_heads + h0 + tid) * num_splits + split] = ml_s[tid];
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Combine the splits of one (sequence, query head): out = sum_p w_p o_p / sum_p w_p, w_p = l_p * 2^(m_p - max m).
+// Grid (Hq, S) x 128 threads; dynamic shared memory: num_splits floats.
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) paged_decode_combine(
+    T* __restrict__ out,                 // [S, Hq, head_size], contiguous
+    const float* __restrict__ part_o,    // [S, Hq, num_splits, head_size]
+    const float2* __restrict__ part_ml,  // [S, Hq, num_splits]
+    int num_splits, int head_size) {
+  extern __shared__ float w_s[];  // [num_splits]
+  __shared__ float red[kWarps];
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const size_t row = (size_t)blockIdx.y * gridDim.x + blockIdx.x;
+  const float2* ml = part_ml + row * num_splits;
+
+  float mx = neg_inf();
+  for (int p = tid; p < num_splits; p += kThreads) {
+    const float2 v = ml[p];
+    if (v.y > 0.0f) mx = fmaxf(mx, v.x);
+  }
+  mx = warp_max(mx);
+  if (lane == 0) red[warp] = mx;
+  __syncthreads();
+  mx = fmaxf(fmaxf(red[0], red[1]), fmaxf(red[2], red[3]));
+  __syncthreads();
+
+  float sum = 0.0f;
+  for (int p = tid; p < num_splits; p += kThreads) {
+    const float2 v = ml[p];
+    const float w = v.y > 0.0f ? v.y * exp2f(v.x - mx) : 0.0f;  // empty splits wrote no output: weight 0
+    w_s[p] = w;
+    sum += w;
+  }
+  sum = warp_sum(sum);
+  if (lane == 0) red[warp] = sum;
+  __syncthreads();
+  sum = red[0] + red[1] + red[2] + red[3];
+  const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
+
+  const float* o = part_o + row * num_splits * head_size;
+  for (int d = tid; d < head_size; d += kThreads) {
+    float a = 0.0f;
+    for (int p = 0; p < num_splits; ++p) {
+      const float w = w_s[p];
+      if (w > 0.0f) a = fmaf(w, o[(size_t)p * head_size + d], a);
+    }
+    out[row * head_size + d] = from_float<T>(a * inv);
+  }
+}
+
+}  // namespace decode
+}  // namespace cubsattn
