@@ -1,0 +1,191 @@
+"""Block-sparse prefill benchmark: cubsattn's CUDA kernel against torch SDPA (dense causal) and FlexAttention.
+
+Phi-3-small per rank (BENCHMARKS.md): 32 q heads, 8 kv heads, head_size 128, block 64, local 16, vert 8, step 1,
+scale 1/128. Useful TF/s = layout.flops / time (4 * D * allowed pairs); SDPA's TF/s counts its dense causal pairs.
+Times are medians of CUDA-event-timed runs after warm-up. torch is used only here, with zero-copy DLPack hand-over.
+
+    python benchmarks/bench_prefill.py [--dtype bf16|fp16] [--head-size 128] [--configs 4k,16k,64k] [--no-peers]
+    python benchmarks/bench_prefill.py --startup      # first-use compile time and cached import + first call
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+CONFIGS = {"4k": (4, 4096), "16k": (1, 16384), "64k": (1, 65536)}
+HEADS, KV_HEADS, BLOCK, LOCAL, VERT = 32, 8, 64, 16, 8
+
+
+def time_cuda(fn, *, warmup=3, repeat=10):
+    """Median milliseconds of ``fn()`` between CUDA events on the current (null) stream."""
+    import cupy
+
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        start, stop = cupy.cuda.Event(), cupy.cuda.Event()
+        start.record()
+        fn()
+        stop.record()
+        stop.synchronize()
+        times.append(cupy.cuda.get_elapsed_time(start, stop))
+    return statistics.median(times)
+
+
+def run(args):
+    import cupy
+
+    import cubsattn
+    from cubsattn import BlockSparseLayout, BlocksparseParams
+
+    from cubsattn import _prefill_cuda
+
+    dtype = cubsattn._checks.BFLOAT16 if args.dtype == "bf16" else np.dtype(np.float16)
+    d = args.head_size
+    if args.block_m is not None:
+        if (d, args.block_m) not in _prefill_cuda.INSTANTIATIONS:
+            raise SystemExit(f"BLOCK_M {args.block_m} is not compiled for head_size {d}: "
+                             f"{_prefill_cuda.INSTANTIATIONS}")
+        _prefill_cuda.BLOCK_M[d] = args.block_m
+    props = cupy.cuda.runtime.getDeviceProperties(0)
+    print(f"device: {props['name'].decode()}  cupy {cupy.__version__}  dtype {args.dtype}  head_size {d}  "
+          f"heads {HEADS}/{KV_HEADS}  block {BLOCK} local {LOCAL} vert {VERT}  BLOCK_M {_prefill_cuda.BLOCK_M[d]}")
+    torch = None
+    if not args.no_peers:
+        try:
+            import torch
+            print(f"torch {torch.__version__}")
+        except ImportError:
+            print("torch not installed: peers skipped")
+    scale = 1.0 / d
+    header = (f"{'config':>8} {'density':>8} {'cubsattn ms':>12} {'useful TF/s':>12} {'SDPA ms':>9} "
+              f"{'SDPA TF/s':>10} {'ratio':>6} {'Flex ms':>9} {'Flex TF/s':>10}")
+    print(header)
+    for name in args.configs.split(","):
+        batch, seqlen = CONFIGS[name]
+        params = BlocksparseParams(max(8192, seqlen), HEADS, KV_HEADS, BLOCK, LOCAL, VERT)
+        layout = BlockSparseLayout.from_params(params)
+        tokens = batch * seqlen
+        rs = cupy.random.RandomState(0)
+        q = rs.standard_normal((tokens, HEADS, d), dtype=np.float32).astype(dtype)
+        k = rs.standard_normal((tokens, KV_HEADS, d), dtype=np.float32).astype(dtype)
+        v = rs.standard_normal((tokens, KV_HEADS, d), dtype=np.float32).astype(dtype)
+        cu = cupy.asarray(np.arange(batch + 1, dtype=np.int32) * seqlen)
+        out = cupy.empty_like(q)
+        useful = batch * layout.flops(seqlen, d)
+        ours_ms = time_cuda(lambda: cubsattn.blocksparse_prefill(q, k, v, cu, cu, layout, sm_scale=scale, out=out))
+        ours_tf = useful / ours_ms / 1e9
+        sdpa_ms = sdpa_tf = flex_ms = flex_tf = float("nan")
+        flex_note = ""
+        if torch is not None:
+            sdpa_ms, sdpa_tf = bench_sdpa(torch, q, k, v, batch, seqlen, scale)
+            flex_ms, flex_note = bench_flex(torch, q, k, v, batch, seqlen, scale)
+            flex_tf = useful / flex_ms / 1e9 if flex_ms == flex_ms else float("nan")
+        density = layout.density(seqlen)
+        print(f"{name:>8} {density:8.3f} {ours_ms:12.3f} {ours_tf:12.1f} {sdpa_ms:9.3f} {sdpa_tf:10.1f} "
+              f"{ours_tf / sdpa_tf:6.2f} {flex_ms:9.3f} {flex_tf:10.1f} {flex_note}", flush=True)
+        del q, k, v, out
+        cupy.get_default_memory_pool().free_all_blocks()
+
+
+def bench_sdpa(torch, q, k, v, batch, seqlen, scale):
+    """Dense causal SDPA on [B, H, L, D] views of the same arrays; TF/s on its dense causal work."""
+    import torch.nn.functional as F
+
+    def view(x):
+        t = torch.from_dlpack(x)
+        return t.view(batch, seqlen, t.shape[1], t.shape[2]).transpose(1, 2)
+
+    tq, tk, tv = view(q), view(k), view(v)
+    ms = time_cuda(lambda: F.scaled_dot_product_attention(tq, tk, tv, is_causal=True, enable_gqa=True,
+                                                          scale=scale))
+    dense = 4 * q.shape[2] * HEADS * batch * seqlen * (seqlen + 1) // 2
+    return ms, dense / ms / 1e9
+
+
+def bench_flex(torch, q, k, v, batch, seqlen, scale):
+    """torch.compile'd flex_attention with the same rule as a mask_mod, block mask built with BLOCK_SIZE=128."""
+    step = 1  # get_head_sliding_step(32, 8)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        qb, kb = q_idx // BLOCK, kv_idx // BLOCK
+        active = (qb - kb < LOCAL) | ((kb + h * step + 1) % VERT == 0)
+        return (q_idx >= kv_idx) & active
+
+    def view(x):
+        t = torch.from_dlpack(x)
+        return t.view(batch, seqlen, t.shape[1], t.shape[2]).transpose(1, 2)
+
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        block_mask = create_block_mask(mask_mod, None, HEADS, seqlen, seqlen, device="cuda", BLOCK_SIZE=128)
+        flex = torch.compile(flex_attention)
+        tq, tk, tv = view(q), view(k), view(v)
+        ms = time_cuda(lambda: flex(tq, tk, tv, block_mask=block_mask, enable_gqa=True, scale=scale))
+        return ms, ""
+    except torch.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        return float("nan"), "(FlexAttention: out of memory)"
+    except Exception as e:  # report any other failure as it happens, keep the row
+        torch.cuda.empty_cache()
+        return float("nan"), f"(FlexAttention failed: {type(e).__name__}: {str(e).splitlines()[0][:80]})"
+
+
+_STARTUP_CHILD = """
+import time
+t0 = time.perf_counter()
+import cupy, numpy as np, cubsattn
+from cubsattn import BlockSparseLayout, BlocksparseParams
+lay = BlockSparseLayout.from_params(BlocksparseParams(8192, 32, 8, 64, 16, 8))
+q = cupy.ones((256, 32, 128), dtype=cubsattn._checks.BFLOAT16); k = cupy.ones((256, 8, 128), dtype=q.dtype)
+cu = cupy.asarray(np.array([0, 256], np.int32))
+t1 = time.perf_counter()
+cubsattn.blocksparse_prefill(q, k, k, cu, cu, lay)
+cupy.cuda.Device().synchronize()
+t2 = time.perf_counter()
+print(f"{t2 - t0:.2f} {t2 - t1:.2f}")
+"""
+
+
+def startup():
+    """First-use compile (empty CuPy kernel cache) and cached import + first call, each in a fresh process."""
+    with tempfile.TemporaryDirectory() as cache:
+        env = dict(os.environ, CUPY_CACHE_DIR=cache)
+        for label in ("cold cache (NVRTC compile)", "warm cache"):
+            t = time.perf_counter()
+            res = subprocess.run([sys.executable, "-c", _STARTUP_CHILD], env=env, capture_output=True, text=True)
+            wall = time.perf_counter() - t
+            if res.returncode:
+                print(res.stderr)
+                raise SystemExit(1)
+            total, first = res.stdout.split()
+            print(f"{label}: import + first call {total} s (first call {first} s); process wall {wall:.2f} s")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16")
+    p.add_argument("--head-size", type=int, default=128)
+    p.add_argument("--configs", default="4k,16k,64k")
+    p.add_argument("--no-peers", action="store_true", help="skip torch SDPA / FlexAttention")
+    p.add_argument("--block-m", type=int, help="query rows per CTA (a compiled (head_size, BLOCK_M) pair)")
+    p.add_argument("--startup", action="store_true", help="measure compile and cached-start times instead")
+    args = p.parse_args()
+    if args.startup:
+        startup()
+    else:
+        run(args)
+
+
+if __name__ == "__main__":
+    main()

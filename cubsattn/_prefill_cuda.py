@@ -1,0 +1,173 @@
+"""Launcher for cuda_src/prefill.cu: support checks, the cached tile schedule, and one kernel launch per call.
+
+Called by :func:`cubsattn.blocksparse_prefill` after its generic validation. Host work per call is a cache lookup
+keyed by the cu_seqlens bytes (the schedule is built once with NumPy and uploaded), the stride checks, and the launch.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+
+import numpy as np
+
+from . import _kernels
+from .layout import BlockSparseLayout
+
+#: Head sizes compiled into prefill.cu.
+HEAD_SIZES = (64, 80, 96, 128, 256)
+#: Sparse block sizes the kernel supports (powers of two: the key walk and masks use shifts).
+BLOCK_SIZES = (16, 32, 64, 128)
+#: Query rows per CTA (BLOCK_M) for each head size. BLOCK_M = 128 (8 warps) halves the K/V shared-memory fills per
+#: query row; D = 256 keeps 64 rows (its fp32 output accumulator alone is 128 registers per thread).
+BLOCK_M = {64: 128, 80: 128, 96: 128, 128: 128, 256: 64}
+
+_DTYPES = tuple(_kernels.CTYPE)
+
+
+def kernel_name(dtype, head_size: int, block_m: int) -> str:
+    """Template instantiation name of the kernel for ``dtype`` / ``head_size`` / ``block_m``."""
+    return f"blocksparse_prefill<{_kernels.ctype(dtype)}, {head_size}, {block_m}>"
+
+
+#: (head_size, BLOCK_M) pairs compiled: the defaults, plus D=128 with 64 rows for ``bench_prefill.py --block-m``.
+INSTANTIATIONS = tuple((d, BLOCK_M[d]) for d in HEAD_SIZES) + ((128, 64),)
+
+SOURCE = _kernels.register(_kernels.KernelSource(
+    "prefill.cu", tuple(kernel_name(dt, d, m) for dt in _DTYPES for d, m in INSTANTIATIONS)))
+
+
+def _block_n(head_size: int) -> int:
+    """Keys per K/V tile (prefill.cu Config::BLOCK_N)."""
+    return 32 if head_size > 128 else 64
+
+
+def _smem_bytes(head_size: int, block_m: int, itemsize: int) -> int:
+    """Dynamic shared memory of one CTA: Q tile + 2 stages of K and V, rows padded by 8 elements (Config)."""
+    return (block_m + 4 * _block_n(head_size)) * (head_size + 8) * itemsize
+
+
+# ---- tile schedule -----------------------------------------------------------------------------------------------
+
+_SMEM_SET: set = set()
+_SCHEDULES: collections.OrderedDict = collections.OrderedDict()
+_SCHEDULE_CACHE_SIZE = 64
+
+
+def tile_schedule(cu_q: np.ndarray, cu_k: np.ndarray, block_m: int) -> np.ndarray:
+    """Query tiles of a batch, heaviest first: int32 ``[num_tiles, 2]`` of (sequence, first absolute position).
+
+    Tiles are aligned to absolute positions (multiples of ``block_m``), so a tile's rows fall in whole CSR rows;
+    sequence ``i`` contributes the tiles covering its query positions ``[k_len - q_len, k_len)``. The order is by
+    descending key span (tile end), a proxy for work that is exact in order for causal and local-strided layouts.
+    """
+    q_lens = np.diff(cu_q)
+    k_lens = np.diff(cu_k)
+    past = k_lens - q_lens
+    first = past // block_m
+    counts = np.where(q_lens > 0, (k_lens - 1) // block_m - first + 1, 0)
+    seq = np.repeat(np.arange(q_lens.size, dtype=np.int64), counts)
+    offsets = np.repeat(np.cumsum(counts) - counts, counts)
+    start = (np.arange(seq.size, dtype=np.int64) - offsets + first[seq]) * block_m
+    span = np.minimum(start + block_m, k_lens[seq])
+    order = np.argsort(-span, kind="stable")
+    return np.stack([seq[order], start[order]], axis=1).astype(np.int32)
+
+
+def _device_schedule(cupy, cu_q: np.ndarray, cu_k: np.ndarray, block_m: int):
+    """Cached device int32 array ``[2 * num_tiles + 2 * (batch + 1)]``: tiles, then cu_q, then cu_k."""
+    key = (cupy.cuda.Device().id, block_m, cu_q.tobytes(), cu_k.tobytes())
+    hit = _SCHEDULES.get(key)
+    if hit is not None:
+        _SCHEDULES.move_to_end(key)
+        return hit
+    tiles = tile_schedule(cu_q, cu_k, block_m)
+    host = np.concatenate([tiles.ravel(), cu_q.astype(np.int32), cu_k.astype(np.int32)])
+    entry = (cupy.asarray(host), tiles.shape[0])
+    _SCHEDULES[key] = entry
+    if len(_SCHEDULES) > _SCHEDULE_CACHE_SIZE:
+        _SCHEDULES.popitem(last=False)
+    return entry
+
+
+# ---- checks ------------------------------------------------------------------------------------------------------
+
+def _element_strides(name: str, a) -> tuple[int, int]:
+    """(token, head) strides in elements of a 3-D array whose rows can be read with 16-byte copies.
+
+    Raises ValueError unless the last dim is contiguous, both other strides are non-negative multiples of 8
+    elements and the data pointer is 16-byte aligned (e.g. q/k/v slices of a fused ``[T, H + 2 H_kv, D]`` qkv).
+    """
+    item = a.dtype.itemsize
+    s_tok, s_head, s_dim = (int(s) for s in a.strides)
+    if a.shape[2] > 1 and s_dim != item:
+        raise ValueError(f"{name} must have a contiguous last dimension (head_size), got strides {a.strides} "
+                         f"bytes for shape {list(a.shape)}")
+    for what, s in (("token", s_tok), ("head", s_head)):
+        if s < 0 or s % (8 * item):
+            raise ValueError(f"{name} {what} stride ({s // item if s % item == 0 else s / item} elements) must be "
+                             f"a non-negative multiple of 8 elements (16-byte rows)")
+    if a.data.ptr % 16:
+        raise ValueError(f"{name} data pointer must be 16-byte aligned, got address {a.data.ptr:#x}")
+    return s_tok // item, s_head // item
+
+
+def check_supported(head_size: int, block_size: int) -> None:
+    """NotImplementedError for head sizes / block sizes prefill.cu is not compiled for."""
+    if head_size not in HEAD_SIZES:
+        raise NotImplementedError(f"head_size {head_size} is not compiled for the CUDA prefill kernel; "
+                                  f"supported: {HEAD_SIZES}")
+    if block_size not in BLOCK_SIZES:
+        raise NotImplementedError(f"block_size {block_size} is not supported by the CUDA prefill kernel; "
+                                  f"supported: {BLOCK_SIZES}")
+
+
+# ---- launch ------------------------------------------------------------------------------------------------------
+
+def prefill(q, k, v, cu_q: np.ndarray, cu_k: np.ndarray, layout: BlockSparseLayout, scale: float, out):
+    """Fill ``out [T_q, H_q, D]`` (CuPy, q's dtype) with block-sparse attention and return it.
+
+    Arguments were validated by :func:`cubsattn.blocksparse_prefill`; ``cu_q`` / ``cu_k`` are host int64
+    ``[batch + 1]``, ``scale`` the softmax scale. Raises NotImplementedError / ValueError before any launch for
+    unsupported head or block sizes and unusable strides.
+    """
+    import cupy
+
+    num_q_tokens, num_heads, head_size = q.shape
+    num_kv_heads = k.shape[1]
+    block_size = layout.block_size
+    check_supported(head_size, block_size)
+    strides = [_element_strides(name, a) for name, a in (("q", q), ("k", k), ("v", v), ("out", out))]
+    if max(int(cu_q[-1]), int(cu_k[-1])) >= 2**31:
+        raise ValueError(f"at most 2**31 - 1 tokens per call, got {int(cu_q[-1])} queries and {int(cu_k[-1])} keys")
+    if num_q_tokens == 0:
+        return out
+    block_m = BLOCK_M[head_size]
+    schedule, num_tiles = _device_schedule(cupy, cu_q, cu_k, block_m)
+    if num_tiles == 0:
+        return out
+    batch = cu_q.shape[0] - 1
+    tiles = schedule[:2 * num_tiles]
+    dev_cu_q = schedule[2 * num_tiles:2 * num_tiles + batch + 1]
+    dev_cu_k = schedule[2 * num_tiles + batch + 1:]
+    indptr, indices = layout.csr(cupy)
+
+    name = kernel_name(q.dtype, head_size, block_m)
+    kernel = _kernels.get_function(SOURCE.filename, name)
+    smem = _smem_bytes(head_size, block_m, q.dtype.itemsize)
+    key = (cupy.cuda.Device().id, name)
+    if key not in _SMEM_SET:  # over 48 KB needs the opt-in attribute (once per kernel and device)
+        kernel.max_dynamic_shared_size_bytes = smem
+        _SMEM_SET.add(key)
+    scale_log2 = np.float32(scale * math.log2(math.e))
+    (q_tok, q_head), (k_tok, k_head), (v_tok, v_head), (o_tok, o_head) = strides
+    kernel((num_tiles * num_heads,), (block_m * 2,),
+           (q, np.int64(q_tok), np.int32(q_head),
+            k, np.int64(k_tok), np.int32(k_head),
+            v, np.int64(v_tok), np.int32(v_head),
+            out, np.int64(o_tok), np.int32(o_head),
+            tiles, dev_cu_q, dev_cu_k, indptr, indices,
+            np.int32(num_heads), np.int32(num_heads // num_kv_heads), np.int32(layout.num_blocks),
+            np.int32(indices.shape[1]), np.int32(block_size), scale_log2),
+           shared_mem=smem)
+    return out

@@ -1,0 +1,430 @@
+// blocksparse_prefill: varlen block-sparse causal attention, FlashAttention-2 style (mma.sync m16n8k16 with fp32
+// accumulate, ldmatrix, cp.async double-buffered K/V, fp32 online softmax in base 2).
+// q [T_q, H_q, D], k/v [T_k, H_kv, D], out [T_q, H_q, D]: last dim contiguous, token/head strides in elements.
+// Grid: one CTA per (query tile, q head), blockIdx.x = tile_rank * H_q + head (tiles heaviest first, see
+// cubsattn/_prefill_cuda.py); BLOCK_M / 16 warps own 16 query rows each and walk the union of the tile's CSR rows.
+#include "common.cuh"
+
+namespace cubsattn {
+namespace prefill {
+
+#define NEG_INF (-__int_as_float(0x7f800000))  // NVRTC has no INFINITY macro without <cmath>
+
+// ---------------------------------------------------------------------------------------------------------------
+// PTX wrappers
+
+__device__ __forceinline__ unsigned smem_addr(const void* p) {
+  return static_cast<unsigned>(__cvta_generic_to_shared(p));
+}
+
+// 16-byte global -> shared copy; src_bytes = 0 zero-fills (keys past the sequence, rows outside the tile).
+__device__ __forceinline__ void cp_async_16(unsigned dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N> __device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+__device__ __forceinline__ void ldmatrix_x4(unsigned (&r)[4], unsigned addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(unsigned (&r)[4], unsigned addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
+// d += a * b for one m16n8k16 tile (a: 16x16 row-major, b: 16x8 column-major, d: fp32).
+template <typename T> __device__ __forceinline__ void mma(float (&d)[4], const unsigned (&a)[4], unsigned b0,
+                                                         unsigned b1);
+template <> __device__ __forceinline__ void mma<__half>(float (&d)[4], const unsigned (&a)[4], unsigned b0,
+                                                        unsigned b1) {
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+               "{%0, %1, %2, %3};\n"
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+template <> __device__ __forceinline__ void mma<__nv_bfloat16>(float (&d)[4], const unsigned (&a)[4], unsigned b0,
+                                                               unsigned b1) {
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+               "{%8, %9}, {%0, %1, %2, %3};\n"
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Two fp32 values rounded to one packed fp16x2 / bf16x2 register (lo in the low half).
+template <typename T> __device__ __forceinline__ unsigned pack2(float lo, float hi);
+template <> __device__ __forceinline__ unsigned pack2<__half>(float lo, float hi) {
+  __half2 h = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<unsigned*>(&h);
+}
+template <> __device__ __forceinline__ unsigned pack2<__nv_bfloat16>(float lo, float hi) {
+  __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<unsigned*>(&h);
+}
+
+// 2^x on the SFU; ex2.approx(-inf) = +0, which is what masked scores need.
+__device__ __forceinline__ float exp2_approx(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Tile configuration. The host mirrors SMEM_BYTES in cubsattn/_prefill_cuda.py::_smem_bytes.
+
+template <int HEAD_DIM, int BLOCK_M> struct Config {
+  static constexpr int BLOCK_N = HEAD_DIM > 128 ? 32 : 64;  // keys per K/V tile; 32 keeps D=256 under 164 KB
+  static constexpr int WARPS = BLOCK_M / 16;
+  static constexpr int THREADS = WARPS * 32;
+  // Rows padded by 16 bytes: the 8 row addresses of one ldmatrix phase then fall on 8 distinct 4-bank groups
+  // for every supported D (row pitch = 4, 12, 20 or 4 words mod 32).
+  static constexpr int STRIDE = HEAD_DIM + 8;
+  static constexpr int CHUNKS = HEAD_DIM / 8;               // 16-byte chunks per row
+  static constexpr bool Q_IN_REGS = HEAD_DIM <= 128;        // D=256 re-reads Q from shared memory (registers)
+  static constexpr int Q_ELEMS = BLOCK_M * STRIDE;
+  static constexpr int KV_ELEMS = BLOCK_N * STRIDE;
+  static constexpr int STAGES = 2;
+};
+
+// ---------------------------------------------------------------------------------------------------------------
+// Key/value sources. The kernel body reads K/V only through `chunk(pos, kv_head, c)` = address of the 16-byte
+// chunk c of key position pos (0-based inside the sequence) after `begin(seq)`. A paged-cache source (vLLM key
+// layout [blocks, H_kv, D/8, block, 8]) is another struct with the same two methods and a block table.
+
+template <typename T> struct ContiguousKV {
+  const T* base;      // [T_k, H_kv, D] with strides below
+  long long tok_stride;
+  int head_stride;
+  const int* cu_seqlens;
+  const T* seq_base;
+
+  __device__ __forceinline__ void begin(int seq) { seq_base = base + (long long)cu_seqlens[seq] * tok_stride; }
+  __device__ __forceinline__ const T* chunk(int pos, int kv_head, int c) const {
+    return seq_base + pos * tok_stride + kv_head * head_stride + c * 8;
+  }
+};
+
+// ---------------------------------------------------------------------------------------------------------------
+// The key-tile walk of one CTA: the union, ascending, of the column lists of the R CSR rows the query tile
+// spans. Lane i < R of every warp tracks row i (so no per-thread arrays); warp reductions merge the rows.
+//   B >= BLOCK_N: a column is B / BLOCK_N consecutive key tiles (`subs`), each with one bit per row.
+//   B <  BLOCK_N: a key tile holds S = BLOCK_N / B columns; the tile mask has S bits per row (bit i*S + c%S).
+// Each warp computes the same walk redundantly (a few integer ops per tile) instead of syncing on shared state.
+
+struct KeyWalk {
+  const int* cols;  // this head's column list
+  int ptr, end, col;  // lane-owned row state; col = INT_MAX when exhausted or no row
+  int per_tile, subs, block_size, tile_n, pos_last;
+  int n0, sub;
+  unsigned mask;
+
+  static constexpr int NONE = 0x7fffffff;
+
+  __device__ __forceinline__ void advance() {
+    ++ptr;
+    col = ptr < end ? cols[ptr] : NONE;
+  }
+
+  // Next key tile: start key n0 and the row/sub-block mask. False when the walk is over.
+  __device__ __forceinline__ bool next(int& out_n0, unsigned& out_mask) {
+    if (sub + 1 < subs && n0 + tile_n <= pos_last) {  // next sub-tile of a wide column (keys <= the last query)
+      ++sub;
+      n0 += tile_n;
+      out_n0 = n0;
+      out_mask = mask;
+      return true;
+    }
+    const int lane = threadIdx.x & 31;
+    const unsigned unit = __reduce_min_sync(0xffffffffu, col == NONE ? (unsigned)NONE : (unsigned)(col / per_tile));
+    if (unit == (unsigned)NONE) return false;
+    unsigned bits = 0;
+    while (col != NONE && (unsigned)(col / per_tile) == unit) {
+      bits |= 1u << (lane * per_tile + col % per_tile);
+      advance();
+    }
+    mask = __reduce_or_sync(0xffffffffu, bits);
+    n0 = (int)unit * per_tile * block_size;
+    sub = 0;
+    out_n0 = n0;
+    out_mask = mask;
+    return true;
+  }
+};
+
+// ---------------------------------------------------------------------------------------------------------------
+// The kernel body, generic over the K/V source.
+
+template <typename T, int HEAD_DIM, int BLOCK_M, typename KV>
+__device__ __forceinline__ void prefill_tile(
+    const T* __restrict__ q, long long q_tok, int q_head,      // [T_q, H_q, D]
+    T* __restrict__ out, long long o_tok, int o_head,          // [T_q, H_q, D]
+    KV kv_k, KV kv_v,
+    const int* __restrict__ tiles,                             // [num_tiles, 2]: (sequence, first position)
+    const int* __restrict__ cu_q,                              // [batch + 1]
+    const int* __restrict__ cu_k,                              // [batch + 1]
+    const int* __restrict__ indptr,                            // [H_q, NB + 1]
+    const int* __restrict__ indices,                           // [H_q, nnz_stride]
+    int num_heads, int group, int num_blocks, int nnz_stride, int block_size, float scale_log2) {
+  using C = Config<HEAD_DIM, BLOCK_M>;
+  constexpr int BLOCK_N = C::BLOCK_N, STRIDE = C::STRIDE, CHUNKS = C::CHUNKS, THREADS = C::THREADS;
+  constexpr int DT = HEAD_DIM / 8;   // 8-wide output column tiles
+  constexpr int KT = HEAD_DIM / 16;  // 16-deep k-steps of Q K^T
+  constexpr int NT = BLOCK_N / 8;    // 8-wide score column tiles
+
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  T* sQ = reinterpret_cast<T*>(smem_raw);
+  T* sK = sQ + C::Q_ELEMS;                       // [STAGES][BLOCK_N][STRIDE]
+  T* sV = sK + C::STAGES * C::KV_ELEMS;          // [STAGES][BLOCK_N][STRIDE]
+
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int g = lane >> 2, tq = lane & 3;  // mma fragment row group and column pair
+  const int head = blockIdx.x % num_heads;
+  const int tile = blockIdx.x / num_heads;
+  const int kv_head = head / group;
+  const int seq = tiles[2 * tile], tile_start = tiles[2 * tile + 1];
+  const int q0 = cu_q[seq], q_len = cu_q[seq + 1] - q0;
+  const int k_len = cu_k[seq + 1] - cu_k[seq];
+  const int past = k_len - q_len;  // queries are the last q_len key positions
+  const int pos_lo = max(tile_start, past), pos_hi = min(tile_start + BLOCK_M, k_len);  // valid rows [lo, hi)
+  kv_k.begin(seq);
+  kv_v.begin(seq);
+
+  // ---- Q tile -> shared (rows outside [pos_lo, pos_hi) are zero) -------------------------------------------
+  for (int i = tid; i < BLOCK_M * CHUNKS; i += THREADS) {
+    const int r = i / CHUNKS, c = i % CHUNKS, pos = tile_start + r;
+    const bool valid = pos >= pos_lo && pos < pos_hi;
+    const T* src = valid ? q + (q0 + pos - past) * q_tok + head * q_head + c * 8 : q;
+    cp_async_16(smem_addr(sQ + r * STRIDE + c * 8), src, valid);
+  }
+  cp_async_commit();
+
+  // ---- the walk over this tile's CSR rows --------------------------------------------------------------------
+  KeyWalk walk;
+  {
+    const int rows = block_size < BLOCK_M ? BLOCK_M / block_size : 1;
+    walk.cols = indices + (long long)head * nnz_stride;
+    walk.per_tile = block_size < BLOCK_N ? BLOCK_N / block_size : 1;
+    walk.subs = block_size > BLOCK_N ? block_size / BLOCK_N : 1;
+    walk.block_size = block_size;
+    walk.tile_n = BLOCK_N;
+    walk.pos_last = pos_hi - 1;
+    walk.n0 = 0;
+    walk.sub = walk.subs;  // the first next() starts a column
+    walk.mask = 0;
+    walk.ptr = walk.end = 0;
+    walk.col = KeyWalk::NONE;
+    const int qb = tile_start / block_size + lane;  // lane's CSR row (absolute query block)
+    if (lane < rows && qb < num_blocks && qb * block_size < pos_hi && (qb + 1) * block_size > pos_lo) {
+      const int* row_ptr = indptr + (long long)head * (num_blocks + 1) + qb;
+      walk.ptr = row_ptr[0];
+      walk.end = row_ptr[1];
+      walk.col = walk.ptr < walk.end ? walk.cols[walk.ptr] : KeyWalk::NONE;
+    }
+  }
+
+  auto load_kv = [&](int n0, int stage) {
+    T* dk = sK + stage * C::KV_ELEMS;
+    T* dv = sV + stage * C::KV_ELEMS;
+#pragma unroll
+    for (int i = tid; i < BLOCK_N * CHUNKS; i += THREADS) {
+      const int r = i / CHUNKS, c = i % CHUNKS, pos = n0 + r;
+      const bool valid = pos < k_len;  // keys past the sequence: zeros (their scores are masked causally)
+      cp_async_16(smem_addr(dk + r * STRIDE + c * 8), valid ? kv_k.chunk(pos, kv_head, c) : (const void*)q, valid);
+      cp_async_16(smem_addr(dv + r * STRIDE + c * 8), valid ? kv_v.chunk(pos, kv_head, c) : (const void*)q, valid);
+    }
+  };
+
+  // Prologue: two key tiles in flight. Every step commits a group (possibly empty) so wait counts stay fixed.
+  int n0_cur = 0, n0_nxt = 0;
+  unsigned mask_cur = 0, mask_nxt = 0;
+  bool have_cur = walk.next(n0_cur, mask_cur);
+  if (have_cur) load_kv(n0_cur, 0);
+  cp_async_commit();
+  bool have_nxt = have_cur && walk.next(n0_nxt, mask_nxt);
+  if (have_nxt) load_kv(n0_nxt, 1);
+  cp_async_commit();
+
+  // ---- per-warp state ----------------------------------------------------------------------------------------
+  const int warp_pos0 = tile_start + warp * 16;                     // absolute position of the warp's row 0
+  const int warp_last = min(warp_pos0 + 15, pos_hi - 1);
+  const bool warp_valid = warp_pos0 + 15 >= pos_lo && warp_pos0 < pos_hi;
+  const int per_tile = walk.per_tile;
+  const unsigned full_bits = (1u << per_tile) - 1u;
+  const int warp_shift = (warp * 16 / block_size) * per_tile;        // this warp's row bits in a tile mask
+  const int block_shift = __ffs(block_size) - 1;                     // block sizes are powers of two
+  const int row_pos0 = warp_pos0 + g;                               // absolute positions of rows g and g + 8
+
+  float acc[DT][4];
+#pragma unroll
+  for (int j = 0; j < DT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+  float row_max[2] = {NEG_INF, NEG_INF}, row_sum[2] = {0.f, 0.f};
+
+  // ldmatrix lane offsets (elements): Q/P A-operand rows, K B-operand rows, V transposed B-operand rows.
+  const int a_off = (warp * 16 + (lane & 15)) * STRIDE + (lane >> 4) * 8;
+  const int k_off = ((lane >> 4) * 8 + (lane & 7)) * STRIDE + ((lane >> 3) & 1) * 8;
+  const int v_off = (lane & 15) * STRIDE + (lane >> 4) * 8;
+
+  unsigned qf[C::Q_IN_REGS ? KT : 1][4];
+  cp_async_wait<2>();  // the Q group
+  __syncthreads();
+  if constexpr (C::Q_IN_REGS) {
+#pragma unroll
+    for (int kk = 0; kk < KT; ++kk) ldmatrix_x4(qf[kk], smem_addr(sQ + a_off + kk * 16));
+  }
+
+  // ---- main loop over key tiles ------------------------------------------------------------------------------
+  for (int stage = 0; have_cur; stage ^= 1) {
+    cp_async_wait<1>();
+    __syncthreads();
+    const unsigned wbits = (mask_cur >> warp_shift) & full_bits;
+    if (warp_valid && wbits != 0 && n0_cur <= warp_last) {
+      const T* cK = sK + stage * C::KV_ELEMS;
+      const T* cV = sV + stage * C::KV_ELEMS;
+
+      // S = Q K^T (fp32)
+      float s[NT][4];
+#pragma unroll
+      for (int j = 0; j < NT; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+#pragma unroll
+      for (int kk = 0; kk < KT; ++kk) {
+        unsigned a[4];
+        if constexpr (C::Q_IN_REGS) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) a[e] = qf[kk][e];
+        } else {
+          ldmatrix_x4(a, smem_addr(sQ + a_off + kk * 16));
+        }
+#pragma unroll
+        for (int np = 0; np < NT / 2; ++np) {
+          unsigned b[4];
+          ldmatrix_x4(b, smem_addr(cK + k_off + np * 16 * STRIDE + kk * 16));
+          mma<T>(s[2 * np], a, b[0], b[1]);
+          mma<T>(s[2 * np + 1], a, b[2], b[3]);
+        }
+      }
+
+      // Scale into base 2; mask only where needed: keys after a row's position (diagonal / tail) or keys of
+      // sub-blocks that are not in this warp's CSR row.
+#pragma unroll
+      for (int j = 0; j < NT; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[j][e] *= scale_log2;
+      if (n0_cur + BLOCK_N - 1 > warp_pos0 || wbits != full_bits) {
+#pragma unroll
+        for (int j = 0; j < NT; ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int key_off = j * 8 + 2 * tq + (e & 1);
+            const int key = n0_cur + key_off;
+            const int pos = row_pos0 + (e >> 1) * 8;
+            const bool in_row = (wbits >> (key_off >> block_shift)) & 1u;
+            if (key > pos || !in_row) s[j][e] = NEG_INF;
+          }
+      }
+
+      // Online softmax (rows g and g+8 of the warp; the 4 lanes of a quad share a row).
+      float scale_old[2];
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        float mx = row_max[r];
+#pragma unroll
+        for (int j = 0; j < NT; ++j) mx = fmaxf(mx, fmaxf(s[j][2 * r], s[j][2 * r + 1]));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        const float base = mx == NEG_INF ? 0.f : mx;  // a row with no key yet: keep everything finite
+        scale_old[r] = exp2_approx(row_max[r] - base);
+        row_max[r] = mx;
+        float sum = 0.f;
+#pragma unroll
+        for (int j = 0; j < NT; ++j) {
+          s[j][2 * r] = exp2_approx(s[j][2 * r] - base);
+          s[j][2 * r + 1] = exp2_approx(s[j][2 * r + 1] - base);
+          sum += s[j][2 * r] + s[j][2 * r + 1];
+        }
+        row_sum[r] = row_sum[r] * scale_old[r] + sum;  // per-lane partial; quad-reduced in the epilogue
+      }
+#pragma unroll
+      for (int j = 0; j < DT; ++j) {
+        acc[j][0] *= scale_old[0];
+        acc[j][1] *= scale_old[0];
+        acc[j][2] *= scale_old[1];
+        acc[j][3] *= scale_old[1];
+      }
+
+      // O += P V: the score accumulators, rounded to T, are the A operand directly (no shared round trip).
+#pragma unroll
+      for (int kk = 0; kk < BLOCK_N / 16; ++kk) {
+        const unsigned a[4] = {pack2<T>(s[2 * kk][0], s[2 * kk][1]), pack2<T>(s[2 * kk][2], s[2 * kk][3]),
+                               pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                               pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+#pragma unroll
+        for (int dp = 0; dp < DT / 2; ++dp) {
+          unsigned b[4];
+          ldmatrix_x4_trans(b, smem_addr(cV + v_off + kk * 16 * STRIDE + dp * 16));
+          mma<T>(acc[2 * dp], a, b[0], b[1]);
+          mma<T>(acc[2 * dp + 1], a, b[2], b[3]);
+        }
+      }
+    }
+    __syncthreads();  // everyone is done with this stage before it is refilled
+    have_cur = have_nxt;
+    n0_cur = n0_nxt;
+    mask_cur = mask_nxt;
+    have_nxt = have_nxt && walk.next(n0_nxt, mask_nxt);
+    if (have_nxt) load_kv(n0_nxt, stage);
+    cp_async_commit();
+  }
+
+  // ---- epilogue: normalise, stage the warp's 16 rows in its own rows of sQ, write 16-byte chunks -------------
+  cp_async_wait<0>();
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    row_sum[r] += __shfl_xor_sync(0xffffffffu, row_sum[r], 1);
+    row_sum[r] += __shfl_xor_sync(0xffffffffu, row_sum[r], 2);
+  }
+  const float inv0 = row_sum[0] > 0.f ? 1.f / row_sum[0] : 0.f;  // an empty CSR row outputs zeros
+  const float inv1 = row_sum[1] > 0.f ? 1.f / row_sum[1] : 0.f;
+  T* sO = sQ + warp * 16 * STRIDE;
+#pragma unroll
+  for (int j = 0; j < DT; ++j) {
+    *reinterpret_cast<unsigned*>(sO + g * STRIDE + j * 8 + 2 * tq) = pack2<T>(acc[j][0] * inv0, acc[j][1] * inv0);
+    *reinterpret_cast<unsigned*>(sO + (g + 8) * STRIDE + j * 8 + 2 * tq) =
+        pack2<T>(acc[j][2] * inv1, acc[j][3] * inv1);
+  }
+  __syncwarp();
+#pragma unroll
+  for (int i = lane; i < 16 * CHUNKS; i += 32) {
+    const int r = i / CHUNKS, c = i % CHUNKS, pos = warp_pos0 + r;
+    if (pos >= pos_lo && pos < pos_hi)
+      *reinterpret_cast<uint4*>(out + (q0 + pos - past) * o_tok + head * o_head + c * 8) =
+          *reinterpret_cast<const uint4*>(sO + r * STRIDE + c * 8);
+  }
+}
+
+}  // namespace prefill
+}  // namespace cubsattn
+
+// ---------------------------------------------------------------------------------------------------------------
+// Entry point over contiguous (strided) K/V. Dynamic shared memory: (BLOCK_M + 4 * BLOCK_N) * (D + 8) * sizeof(T).
+
+template <typename T, int HEAD_DIM, int BLOCK_M>
+__global__ void __launch_bounds__(BLOCK_M * 2) blocksparse_prefill(
+    const T* __restrict__ q, long long q_tok, int q_head,      // [T_q, H_q, D]
+    const T* __restrict__ k, long long k_tok, int k_head,      // [T_k, H_kv, D]
+    const T* __restrict__ v, long long v_tok, int v_head,      // [T_k, H_kv, D]
+    T* __restrict__ out, long long o_tok, int o_head,          // [T_q, H_q, D]
+    const int* __restrict__ tiles,                             // [num_tiles, 2]
+    const int* __restrict__ cu_q, const int* __restrict__ cu_k,  // [batch + 1] each
+    const int* __restrict__ indptr, const int* __restrict__ indices,  // [H_q, NB + 1], [H_q, nnz_stride]
+    int num_heads, int group, int num_blocks, int nnz_stride, int block_size, float scale_log2) {
+  using KV = cubsattn::prefill::ContiguousKV<T>;
+  const KV kv_k{k, k_tok, k_head, cu_k, k};
+  const KV kv_v{v, v_tok, v_head, cu_k, v};
+  cubsattn::prefill::prefill_tile<T, HEAD_DIM, BLOCK_M, KV>(q, q_tok, q_head, out, o_tok, o_head, kv_k, kv_v, tiles,
+                                                            cu_q, cu_k, indptr, indices, num_heads, group,
+                                                            num_blocks, nnz_stride, block_size, scale_log2);
+}
