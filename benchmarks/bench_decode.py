@@ -1,0 +1,163 @@
+"""Block-sparse paged decode benchmark: cubsattn's CUDA kernel against torch SDPA dense decode in the same run.
+
+Phi-3-small per rank (BENCHMARKS.md): 32 q heads, 8 kv heads, head_size 128, bf16 cache, cache block 16, sparse block
+64, local 16, vert 8, step 1, scale 1/128; physical cache blocks shuffled. Effective bandwidth = the K/V bytes the
+sparse rule must read (per sequence and kv head: the union over its query heads of active cache blocks x block bytes,
+K and V) / time. SDPA: one query token on contiguous [S, H, L, D] K/V of the same sizes; bandwidth = all K/V bytes /
+time. Also: cubsattn dense (vert_stride 0) on all bytes, fp8 cache on its (halved) needed bytes, and a split sweep.
+Every cache is far larger than L2. Times: median of CUDA-event-timed runs after warm-up. torch only here.
+
+    python benchmarks/bench_decode.py [--configs 64x8k,16x32k,256x2k,1x128k] [--no-peers] [--no-sweep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+
+import numpy as np
+
+CONFIGS = {"64x8k": (64, 8192), "16x32k": (16, 32768), "256x2k": (256, 2048), "1x128k": (1, 131072)}
+HEADS, KV_HEADS, D, CACHE_BS, BLOCK, LOCAL, VERT, STEP = 32, 8, 128, 16, 64, 16, 8, 1
+
+
+def time_cuda(fn, *, warmup=5, repeat=40):
+    """Median milliseconds of ``fn()`` between CuPy events on the current stream."""
+    import cupy
+
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        start, stop = cupy.cuda.Event(), cupy.cuda.Event()
+        start.record()
+        fn()
+        stop.record()
+        stop.synchronize()
+        times.append(cupy.cuda.get_elapsed_time(start, stop))
+    return statistics.median(times)
+
+
+def random_fp8(rs, shape):
+    """Random E4M3 bytes of moderate magnitude (exponent field < 14, so no NaN) with random signs."""
+    import cupy
+
+    bits = rs.randint(0, 0x70, size=shape, dtype=np.int32) | (rs.randint(0, 2, size=shape, dtype=np.int32) << 7)
+    return bits.astype(cupy.uint8)
+
+
+def needed_blocks(seq_len: int) -> int:
+    """Cache blocks the rule needs for one sequence, summed over kv heads (union over each group's q heads)."""
+    from cubsattn.layout import _rule, stripe_offsets
+
+    group = HEADS // KV_HEADS
+    j = np.arange(-(-seq_len // CACHE_BS))
+    offsets = stripe_offsets((0, HEADS), STEP, HEADS)
+    active = _rule((seq_len - 1) // BLOCK, (j * CACHE_BS // BLOCK)[None, :], offsets[:, None], LOCAL, VERT)
+    return int(active.reshape(KV_HEADS, group, -1).any(axis=1).sum())
+
+
+def run(args):
+    import cupy
+
+    from cubsattn import _decode_cuda, _kernels
+    from cubsattn._checks import BFLOAT16
+    from cubsattn.decode import forward_decode
+
+    props = cupy.cuda.runtime.getDeviceProperties(0)
+    print(f"device: {props['name'].decode()}  SMs {_kernels.num_sms()}  cupy {cupy.__version__}  dtype bf16  "
+          f"heads {HEADS}/{KV_HEADS}  D {D}  cache block {CACHE_BS}  sparse block {BLOCK} local {LOCAL} vert {VERT} "
+          f"step {STEP}")
+    torch = None
+    if not args.no_peers:
+        try:
+            import torch
+            import torch.nn.functional as F
+            print(f"torch {torch.__version__}")
+        except ImportError:
+            print("torch not installed: peers skipped")
+    print(f"{'config':>8} {'frac':>5} {'splits':>6} {'sparse ms':>9} {'eff TB/s':>8} {'SDPA ms':>8} {'SDPA TB/s':>9} "
+          f"{'ratio':>5} {'dense ms':>8} {'dense TB/s':>10} {'fp8 ms':>7} {'fp8 TB/s':>8}")
+    sweeps = []
+    for name in args.configs.split(","):
+        num_seqs, ctx = CONFIGS[name]
+        nblk = ctx // CACHE_BS
+        num_blocks = num_seqs * nblk
+        rs = cupy.random.RandomState(0)
+        block_tables = rs.permutation(num_blocks).astype(np.int32).reshape(num_seqs, nblk)
+        seq_lens = cupy.full((num_seqs,), ctx, dtype=np.int32)
+        query = rs.standard_normal((num_seqs, HEADS, D), dtype=np.float32).astype(BFLOAT16)
+        x = 8
+        kc = rs.standard_normal((num_blocks, KV_HEADS, D // x, CACHE_BS, x), dtype=np.float32).astype(BFLOAT16)
+        vc = rs.standard_normal((num_blocks, KV_HEADS, D, CACHE_BS), dtype=np.float32).astype(BFLOAT16)
+        out = cupy.empty_like(query)
+        common = (block_tables, seq_lens, ctx)
+        sparse_kw = dict(blocksparse_local_blocks=LOCAL, blocksparse_vert_stride=VERT, blocksparse_block_size=BLOCK,
+                         blocksparse_head_sliding_step=STEP)
+
+        def call(k, v, dtype="auto", splits=None, sparse=True):
+            return lambda: forward_decode(query, k, v, *common, dtype, KV_HEADS, 1 / D, out=out, num_splits=splits,
+                                          **(sparse_kw if sparse else {}))
+
+        need_bytes = num_seqs * needed_blocks(ctx) * CACHE_BS * D * 2 * 2
+        all_bytes = num_seqs * KV_HEADS * ctx * D * 2 * 2
+        splits = _decode_cuda.choose_num_splits(num_seqs, KV_HEADS, ctx, CACHE_BS, _kernels.num_sms())
+        t_sparse = time_cuda(call(kc, vc))
+        t_dense = time_cuda(call(kc, vc, sparse=False))
+        if not args.no_sweep:
+            least = _decode_cuda.min_num_splits(ctx, CACHE_BS)
+            for s in sorted({least, 2 * least, 4 * least, splits // 2, splits, splits * 2, 8 * least,
+                             32 * least, 128 * least}):
+                if least <= s <= min(nblk, 1024):
+                    sweeps.append((name, s, time_cuda(call(kc, vc, splits=s), repeat=15)))
+        del kc, vc
+        cupy.get_default_memory_pool().free_all_blocks()
+        k8 = random_fp8(rs, (num_blocks, KV_HEADS, D // 16, CACHE_BS, 16))
+        v8 = random_fp8(rs, (num_blocks, KV_HEADS, D, CACHE_BS))
+        t_fp8 = time_cuda(call(k8, v8, dtype="fp8"))
+        del k8, v8
+        cupy.get_default_memory_pool().free_all_blocks()
+        t_sdpa = float("nan")
+        if torch is not None:
+            g = torch.Generator(device="cuda").manual_seed(0)
+            q_t = torch.randn(num_seqs, HEADS, 1, D, device="cuda", dtype=torch.bfloat16, generator=g)
+            k_t = torch.randn(num_seqs, KV_HEADS, ctx, D, device="cuda", dtype=torch.bfloat16, generator=g)
+            v_t = torch.randn(num_seqs, KV_HEADS, ctx, D, device="cuda", dtype=torch.bfloat16, generator=g)
+            sdpa = lambda: F.scaled_dot_product_attention(q_t, k_t, v_t, scale=1 / D, enable_gqa=True)  # noqa: E731
+            for _ in range(5):
+                sdpa()
+            times = []
+            for _ in range(40):
+                start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                sdpa()
+                stop.record()
+                stop.synchronize()
+                times.append(start.elapsed_time(stop))
+            t_sdpa = statistics.median(times)
+            del q_t, k_t, v_t
+            torch.cuda.empty_cache()
+        eff = need_bytes / t_sparse / 1e9
+        sdpa_bw = all_bytes / t_sdpa / 1e9
+        print(f"{name:>8} {need_bytes / all_bytes:5.2f} {splits:6d} {t_sparse:9.3f} {eff:8.2f} {t_sdpa:8.3f} "
+              f"{sdpa_bw:9.2f} {eff / sdpa_bw:5.2f} {t_dense:8.3f} {all_bytes / t_dense / 1e9:10.2f} "
+              f"{t_fp8:7.3f} {need_bytes / 2 / t_fp8 / 1e9:8.2f}", flush=True)
+        del query, out, block_tables, seq_lens
+        cupy.get_default_memory_pool().free_all_blocks()
+    if sweeps:
+        print("split sweep (sparse bf16): config splits ms")
+        for name, s, t in sweeps:
+            print(f"  {name:>8} {s:5d} {t:8.3f}")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--no-peers", action="store_true")
+    ap.add_argument("--no-sweep", action="store_true")
+    run(ap.parse_args())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,161 @@
+"""Block-sparse paged decode on the GPU: random configurations against the float64 oracle of tests/test_decode.py,
+split against non-split, determinism, clamping of bad device inputs, CUDA-graph capture.
+
+``test_sanitizer_subset`` is the small selection run under ``compute-sanitizer`` (memcheck and racecheck).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import BF16, FP16, TOLERANCES
+from cubsattn.decode import forward_decode
+from test_decode import assert_close, make_case, oracle, random_config, run
+
+pytestmark = pytest.mark.gpu
+
+
+def to_gpu(case, *, host_lens=False):
+    import cupy
+
+    moved = dict(case)
+    for k in ("query", "key_cache", "value_cache", "block_tables", "seq_lens"):
+        if not (k == "seq_lens" and host_lens):
+            moved[k] = cupy.asarray(case[k])
+    return moved
+
+
+def run_gpu(case, **kw):
+    """Run on the GPU into a NaN-poisoned output; returns a NumPy copy."""
+    import cupy
+
+    out = cupy.full(case["query"].shape, np.nan, dtype=case["query"].dtype)
+    got = run(case, out=out, **kw)
+    assert got is out
+    return out.get()
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_random_configs(seed):
+    rng = np.random.default_rng(seed)
+    case = make_case(rng, **random_config(rng))
+    splits = None if seed % 3 else int(rng.integers(2, 7))  # contexts here are short: force splits on a third
+    got = run_gpu(to_gpu(case, host_lens=bool(seed % 2)), num_splits=splits)
+    assert_close(got, oracle(case), case["query"].dtype)
+
+
+PHI3 = dict(dtype=BF16, head_size=128, num_kv_heads=2, group=4, block_size=16, sparse_block=64, local_blocks=16,
+            vert_stride=8, step=1, scale=1 / 128)
+
+
+@pytest.mark.parametrize("kw", [
+    dict(PHI3, seq_lens=(3000, 1500, 5)),
+    dict(PHI3, seq_lens=(4100,), block_size=8, fp8=True, k_scale=0.5, v_scale=2.0),
+    dict(dtype=FP16, head_size=80, group=3, block_size=32, sparse_block=32, seq_lens=(2000, 700), step=-1),
+], ids=["phi3", "fp8-bs8", "d80-bs32"])
+def test_split_and_single_agree(kw):
+    rng = np.random.default_rng(7)
+    case = make_case(rng, **kw)
+    gpu = to_gpu(case)
+    want = oracle(case)
+    dtype = case["query"].dtype
+    # 1 split needs ceil(4100 / 8) = 513 blocks > 512 for the bs-8 case: start at the least allowed count.
+    least = 2 if kw.get("block_size") == 8 else 1
+    base = run_gpu(gpu, num_splits=least)
+    assert_close(base, want, dtype)
+    rtol, atol = TOLERANCES[dtype]
+    for splits in (least + 1, 5, 16, 64, None):
+        got = run_gpu(gpu, num_splits=splits)
+        np.testing.assert_allclose(got.astype(np.float64), base.astype(np.float64), rtol=rtol / 2, atol=atol / 2)
+
+
+def test_deterministic():
+    rng = np.random.default_rng(3)
+    case = to_gpu(make_case(rng, **dict(PHI3, seq_lens=(5000, 300))))
+    first = run_gpu(case, num_splits=9)
+    for _ in range(3):
+        np.testing.assert_array_equal(run_gpu(case, num_splits=9), first)
+
+
+def test_long_sequence_128k():
+    rng = np.random.default_rng(11)
+    case = make_case(rng, **dict(PHI3, head_size=64, num_kv_heads=1, seq_lens=(131072, 1000)))
+    got = run_gpu(to_gpu(case))
+    assert_close(got, oracle(case), case["query"].dtype)
+
+
+def test_device_inputs_are_clamped():
+    # Device seq_lens are never read on the host: values past max_seq_len or the table width are clamped, and
+    # block ids outside the cache are ignored, so the kernel never reads outside its inputs.
+    import cupy
+
+    rng = np.random.default_rng(5)
+    case = make_case(rng, **dict(PHI3, seq_lens=(300, 200), pad_cols=0))
+    gpu = to_gpu(case)
+    gpu["seq_lens"] = cupy.asarray(np.array([10**9, 200], dtype=np.int32))
+    gpu["max_seq_len"] = 280
+    clamped = dict(case, seq_lens=np.array([280, 200], dtype=np.int32))
+    assert_close(run_gpu(gpu), oracle(clamped), BF16)
+    gpu["max_seq_len"] = 10**6  # now the table width (19 blocks = 304 tokens, 4 of them empty NaN slots) bounds it
+    assert_close(run_gpu(gpu)[1], oracle(case)[1], BF16)
+    bt = case["block_tables"].copy()
+    bt[1, 0], bt[1, 3] = 10**6, -7
+    gpu["block_tables"] = cupy.asarray(bt)
+    assert np.isfinite(run_gpu(gpu)).all()
+
+
+def test_cuda_graph_capture():
+    import cupy
+
+    rng = np.random.default_rng(9)
+    case = to_gpu(make_case(rng, **dict(PHI3, seq_lens=(6000, 2500, 40))))
+    want = run_gpu(case, num_splits=4)
+    stream = cupy.cuda.Stream(non_blocking=True)
+    out = cupy.full(case["query"].shape, np.nan, dtype=case["query"].dtype)
+    with stream:
+        run(case, out=out, num_splits=4)  # warm-up: compiles, caches the workspace
+        out.fill(np.nan)
+        stream.begin_capture()
+        run(case, out=out, num_splits=4)
+        graph = stream.end_capture()
+        graph.launch()
+    stream.synchronize()
+    np.testing.assert_array_equal(out.get(), want)
+
+
+def test_gpu_only_errors():
+    import cupy
+
+    rng = np.random.default_rng(1)
+    case = to_gpu(make_case(rng, group=9, num_kv_heads=1))
+    with pytest.raises(NotImplementedError, match=r"num_heads / num_kv_heads \(9\) must be <= 8"):
+        run(case)
+    case = to_gpu(make_case(rng, seq_lens=(5000,), block_size=8, sparse_block=8))
+    with pytest.raises(ValueError, match=r"num_splits \(1\) must be >= 2"):
+        run(case, num_splits=1)
+    case = to_gpu(make_case(rng))
+    q = cupy.asarray(np.asfortranarray(case["query"].get()))
+    with pytest.raises(ValueError, match="query's last axis must be contiguous"):
+        run(dict(case, query=q))
+    with pytest.raises(TypeError, match="mix NumPy"):
+        run(dict(case, query=case["query"].get()))
+
+
+def test_sanitizer_subset():
+    """Small, varied cases (sparse/dense, fp8, splits, clamps) for compute-sanitizer memcheck/racecheck."""
+    import cupy
+
+    for seed, kw in enumerate([
+        dict(PHI3, seq_lens=(1100, 3)),
+        dict(dtype=FP16, fp8=True, head_size=80, block_size=8, sparse_block=16, group=6, seq_lens=(300, 65)),
+        dict(dtype=BF16, head_size=256, block_size=32, sparse_block=64, group=8, num_kv_heads=1, vert_stride=0,
+             seq_lens=(200,)),
+    ]):
+        rng = np.random.default_rng(100 + seed)
+        case = make_case(rng, **kw)
+        gpu = to_gpu(case)
+        for splits in (None, 3):
+            assert_close(run_gpu(gpu, num_splits=splits), oracle(case), case["query"].dtype)
+    gpu["seq_lens"] = cupy.asarray(np.array([10**9], dtype=np.int32))  # clamped to the table (garbage ids past
+    run_gpu(gpu)                                                          # the end): memcheck must stay clean
