@@ -19,19 +19,23 @@ CACHE_BLOCK_SIZES = (8, 16, 32)
 MAX_GROUP = 8
 GROUP_WIDTHS = (4, 8)
 THREADS = 128
-#: Mirrors decode.cu: tokens per pipeline stage and the longest split (in cache blocks) one CTA can list.
+#: Mirrors decode.cu: tokens per pipeline stage (CUDA-core fp8 kernel / tensor-core kernel) and the longest split (in
+#: cache blocks) one CTA can list.
 STAGE_TOKENS = 32
+MMA_STAGE_TOKENS = 64
 MAX_SPLIT_BLOCKS = 512
 #: Split heuristic: aim for this many CTAs per SM, but never split a sequence into pieces shorter than
 #: MIN_SPLIT_TOKENS (each split pays a block-list prologue, a pipeline fill and a combine share).
 TARGET_CTAS_PER_SM = 8
 MIN_SPLIT_TOKENS = 1024
 
-_CACHE_CTYPES = ("T", "unsigned char")  # "auto" cache (same type as the query) and fp8 E4M3 bytes
 
 
-def _kernel_name(ctype: str, cache_ctype: str, head_size: int, group_width: int) -> str:
-    return f"cubsattn::decode::paged_decode<{ctype}, {cache_ctype}, {head_size}, {group_width}>"
+def _kernel_name(ctype: str, head_size: int, fp8: bool, group_width: int) -> str:
+    """16-bit caches run the tensor-core kernel; fp8 caches the CUDA-core kernel (padded group width 4 or 8)."""
+    if fp8:
+        return f"cubsattn::decode::paged_decode<{ctype}, unsigned char, {head_size}, {group_width}>"
+    return f"cubsattn::decode::paged_decode_mma<{ctype}, {head_size}>"
 
 
 def _combine_name(ctype: str) -> str:
@@ -41,10 +45,9 @@ def _combine_name(ctype: str) -> str:
 def _name_expressions() -> tuple[str, ...]:
     names = []
     for ctype in _kernels.CTYPE.values():
-        for cache in _CACHE_CTYPES:
-            for d in HEAD_SIZES:
-                for g in GROUP_WIDTHS:
-                    names.append(_kernel_name(ctype, ctype if cache == "T" else cache, d, g))
+        for d in HEAD_SIZES:
+            names.append(_kernel_name(ctype, d, False, 8))
+            names.extend(_kernel_name(ctype, d, True, g) for g in GROUP_WIDTHS)
         names.append(_combine_name(ctype))
     return tuple(names)
 
@@ -57,13 +60,18 @@ def group_width(group: int) -> int:
     return next(g for g in GROUP_WIDTHS if group <= g)
 
 
-def smem_bytes(cache_itemsize: int, head_size: int, width: int) -> int:
-    """Dynamic shared memory of one CTA: decode.cu's ``Smem<CT, HEAD, GMAX>::kBytes`` (the kernel traps if less)."""
-    stage = 2 * STAGE_TOKENS * head_size * cache_itemsize
-    stages = 4 if stage <= 16384 else 3
+def smem_bytes(head_size: int, fp8: bool, width: int) -> int:
+    """Dynamic shared memory of one CTA: decode.cu's ``Smem<unsigned char, HEAD, GMAX>::kBytes`` (fp8) or
+    ``tc::Shape<HEAD>::kBytes`` (16-bit cache); the kernels trap if given less."""
     warps = THREADS // 32
-    return (stages * stage + width * head_size * 4 + warps * width * 32 * 4 + width * 32 * 4 + width * 4
-            + width * 8 + MAX_SPLIT_BLOCKS * 8 + warps * 4)
+    if fp8:
+        stage = 2 * STAGE_TOKENS * head_size
+        stages = 4 if stage <= 16384 else 3
+        return (stages * stage + width * head_size * 4 + warps * width * 32 * 4 + width * 32 * 4 + width * 4
+                + width * 8 + MAX_SPLIT_BLOCKS * 8 + warps * 4)
+    stage = 2 * MMA_STAGE_TOKENS * head_size * 2
+    stages = 3 if head_size <= 128 else 2
+    return stages * stage + MAX_SPLIT_BLOCKS * 8 + warps * 4 + warps * 8 * 8
 
 
 def min_num_splits(context_len: int, block_size: int) -> int:
@@ -125,9 +133,8 @@ def paged_decode(query, key_cache, value_cache, block_tables, seq_lens, out, *, 
     chunk_blocks = math.ceil(math.ceil(max(context_len, 1) / block_size) / num_splits)
 
     ctype = _kernels.ctype(query.dtype)
-    cache_ctype = "unsigned char" if fp8 else ctype
-    kernel = _kernels.get_function(SOURCE.filename, _kernel_name(ctype, cache_ctype, head_size, width))
-    smem = smem_bytes(key_cache.dtype.itemsize, head_size, width)
+    kernel = _kernels.get_function(SOURCE.filename, _kernel_name(ctype, head_size, fp8, width))
+    smem = smem_bytes(head_size, fp8, width)
     if kernel.max_dynamic_shared_size_bytes < smem:
         kernel.max_dynamic_shared_size_bytes = smem
     if num_splits > 1:
