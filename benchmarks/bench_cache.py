@@ -1,7 +1,9 @@
 """Paged KV cache benchmark: write_to_paged_cache and copy_blocks against a device-to-device copy of the same bytes.
 
-Bandwidth = (bytes read + bytes written) / time. The copy baseline is cudaMemcpy D2D moving the same total (half
-read, half written), timed in the same run. Write: 64k tokens x 8 kv heads x 128, cache block 16, slots of a
+Bandwidth = (bytes read + bytes written) / kernel time. The copy baseline is cudaMemcpy D2D moving the same total
+(half read, half written), timed in the same run. Kernel time: CUDA events around 20 back-to-back launches of the
+kernel alone (validated arguments), divided by 20. "API" rows: host wall time per public call including its host
+validation (and device->host reads where documented), synchronised after each call. Write: 64k tokens x 8 kv heads x 128, cache block 16, slots of a
 block-shuffled prefill (each block filled by 16 consecutive tokens, blocks in random order) and fully random slots.
 copy_blocks: 10k (src, dst) pairs of one layer, random disjoint blocks. swap_blocks: 2k blocks to pinned host memory
 and back. Peer: a PyTorch advanced-indexing scatter of the same write (what a pure-PyTorch backend would do).
@@ -13,11 +15,13 @@ Times are medians of CUDA-event-timed runs after warm-up; inputs are several tim
 from __future__ import annotations
 
 import argparse
+import time
 
 import cupy
 import ml_dtypes
 import numpy as np
 
+from cubsattn import _cache_cuda, _kernels
 from cubsattn import kv_cache as kvc
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -25,21 +29,34 @@ TOKENS, KV_HEADS, HEAD, BS = 65536, 8, 128, 16
 
 
 def gpu_ms(fn, *, warmup=3, repeat=20) -> float:
+    """Median over 5 samples of (event time of ``repeat`` back-to-back calls) / repeat, in ms."""
     for _ in range(warmup):
         fn()
     start, stop = cupy.cuda.Event(), cupy.cuda.Event()
-    times = []
-    for _ in range(repeat):
+    samples = []
+    for _ in range(5):
         start.record()
-        fn()
+        for _ in range(repeat):
+            fn()
         stop.record()
         stop.synchronize()
-        times.append(cupy.cuda.get_elapsed_time(start, stop))
-    return float(np.median(times))
+        samples.append(cupy.cuda.get_elapsed_time(start, stop) / repeat)
+    return float(np.median(samples))
+
+
+def api_ms(fn, *, repeat=20) -> float:
+    """Host wall time per call, synchronising after each, in ms."""
+    fn()
+    cupy.cuda.get_current_stream().synchronize()
+    t = time.perf_counter()
+    for _ in range(repeat):
+        fn()
+        cupy.cuda.get_current_stream().synchronize()
+    return (time.perf_counter() - t) / repeat * 1e3
 
 
 def copy_ms(nbytes: int) -> float:
-    """Median time of a D2D cudaMemcpy of ``nbytes`` (moves 2 * nbytes)."""
+    """Time of a D2D cudaMemcpy of ``nbytes`` (moves 2 * nbytes)."""
     a = cupy.empty(nbytes, dtype=cupy.uint8)
     b = cupy.empty_like(a)
     a[...] = 1
@@ -49,9 +66,9 @@ def copy_ms(nbytes: int) -> float:
 
 
 def row(name, ms, moved, copy):
-    bw = moved / ms / 1e9
-    ref = moved / copy / 1e9
-    print(f"| {name:48s} | {ms:8.3f} | {bw:8.0f} | {ref:8.0f} | {bw / ref:5.2f} |", flush=True)
+    bw = moved / ms / 1e6
+    ref = moved / copy / 1e6
+    print(f"| {name:52s} | {ms:8.3f} | {bw:6.0f} | {ref:6.0f} | {bw / ref:5.2f} |", flush=True)
 
 
 def bench_write(peers: bool):
@@ -70,14 +87,17 @@ def bench_write(peers: bool):
         kc, vc = kvc.split_kv_cache(kv, KV_HEADS, HEAD)
         moved = 2 * elems * (2 + cache_dt.itemsize)  # K and V: bf16 read + cache element written
         copy = copy_ms(moved // 2)
+        label = "bf16->bf16" if kv_dtype == "auto" else "bf16->fp8"
         for name, slots in layouts.items():
             s = cupy.asarray(slots.astype(np.int64))
-            ms = gpu_ms(lambda: kvc.write_to_paged_cache(key, value, kc, vc, s, kv_dtype, 0.5, 0.5,
-                                                         check_slots=False))
-            row(f"write bf16->{'bf16' if kv_dtype == 'auto' else 'fp8 '} {name}", ms, moved, copy)
+            ms = gpu_ms(lambda: _cache_cuda.reshape_and_cache(key, value, kc, vc, s, fp8=kv_dtype == "fp8",
+                                                              k_scale=0.5, v_scale=0.5))
+            row(f"write {label} {name}", ms, moved, copy)
         s = cupy.asarray(layouts["prefill (block-shuffled)"].astype(np.int64))
-        ms = gpu_ms(lambda: kvc.write_to_paged_cache(key, value, kc, vc, s, kv_dtype, 0.5, 0.5))
-        row(f"  same, check_slots=True (host sync)", ms, moved, copy)
+        for check in (False, True):
+            ms = api_ms(lambda: kvc.write_to_paged_cache(key, value, kc, vc, s, kv_dtype, 0.5, 0.5,
+                                                         check_slots=check))
+            row(f"  API write_to_paged_cache, check_slots={check}", ms, moved, copy)
         if peers and kv_dtype == "auto":
             torch_scatter(key, value, kc, vc, s, moved, copy)
         del kv, kc, vc
@@ -98,7 +118,7 @@ def torch_scatter(key, value, kc, vc, slots, moved, copy):
         tkc[blk, :, :, off, :] = k.view(TOKENS, KV_HEADS, HEAD // x, x)
         tvc[blk, :, :, off] = v
 
-    row("peer: torch index_put scatter (bf16)", gpu_ms(scatter), moved, copy)
+    row("  peer: torch index_put scatter, same write", gpu_ms(scatter, repeat=5), moved, copy)
 
 
 def bench_copy_blocks():
@@ -112,10 +132,16 @@ def bench_copy_blocks():
         pairs_d = cupy.asarray(pairs)
         moved = 2 * (2 * pairs_n * kv.shape[2] * kv.itemsize)  # K and V blocks, read + written
         copy = copy_ms(moved // 2)
-        ms = gpu_ms(lambda: kvc.copy_blocks([kv], pairs))
-        row(f"copy_blocks {name} 10k pairs, host mapping", ms, moved, copy)
-        ms = gpu_ms(lambda: kvc.copy_blocks([kv], pairs_d))
-        row(f"copy_blocks {name} 10k pairs, device mapping (sync)", ms, moved, copy)
+        # The kernel alone, on the table _cache_cuda.copy_blocks uploads: [key ptr, value ptr, pairs...].
+        table = cupy.asarray(np.concatenate([[kv.data.ptr, kv[1].data.ptr], pairs.reshape(-1)]).astype(np.int64))
+        kernel = _kernels.get_function(_cache_cuda.SOURCE.filename, "copy_blocks")
+        block_vecs = np.int64(kv.shape[2] * kv.itemsize // 16)
+        ms = gpu_ms(lambda: kernel((pairs_n, 2), (256,), (table, np.int32(1), block_vecs)))
+        row(f"copy_blocks {name} 10k pairs (kernel)", ms, moved, copy)
+        ms = api_ms(lambda: kvc.copy_blocks([kv], pairs))
+        row("  API copy_blocks, host mapping", ms, moved, copy)
+        ms = api_ms(lambda: kvc.copy_blocks([kv], pairs_d))
+        row("  API copy_blocks, device mapping (read back)", ms, moved, copy)
         del kv
 
 
@@ -128,10 +154,10 @@ def bench_swap():
     scattered = np.stack([np.arange(n), np.random.default_rng(2).permutation(n)], axis=1)
     nbytes = gpu.nbytes
     for name, mapping in (("consecutive (1 run)", fwd), ("scattered (2048 runs)", scattered)):
-        d2h = gpu_ms(lambda: kvc.swap_blocks(gpu, host, mapping), repeat=5)
-        h2d = gpu_ms(lambda: kvc.swap_blocks(host, gpu, mapping), repeat=5)
+        d2h = api_ms(lambda: kvc.swap_blocks(gpu, host, mapping), repeat=3)
+        h2d = api_ms(lambda: kvc.swap_blocks(host, gpu, mapping), repeat=3)
         print(f"| swap {name:42s} | D2H {d2h:7.3f} ms = {nbytes / d2h / 1e6:6.1f} GB/s | H2D {h2d:7.3f} ms = "
-              f"{nbytes / h2d / 1e6:6.1f} GB/s |")
+              f"{nbytes / h2d / 1e6:6.1f} GB/s |", flush=True)
 
 
 def main():

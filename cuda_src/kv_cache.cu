@@ -11,6 +11,7 @@ namespace cubsattn {
 
 constexpr int kTileTokens = 32;    // tokens per CTA: one per lane on the write side
 constexpr int kCacheThreads = 256;
+constexpr int kLoadUnroll = 4;     // 16-byte loads per thread and tensor issued before their shared stores
 
 // ---------------------------------------------------------------------------------------------------------------
 // Conversion of two staged elements (one 32-bit word of T) into the cache element type.
@@ -71,35 +72,47 @@ __global__ void __launch_bounds__(kCacheThreads) reshape_and_cache(
   const int tile = blockIdx.x * kTileTokens;
   const int head = blockIdx.y;
   const int tid = threadIdx.x;
+  // Slots and K/V are fetched in the same phase (no round trip between them): every token < num_tokens is loaded
+  // whatever its slot, and the write phase skips padding and out-of-range slots.
   if (tid < kTileTokens) {
     const int t = tile + tid;
-    long long slot = t < num_tokens ? (long long)slot_mapping[t] : -1;
+    const long long slot = t < num_tokens ? (long long)slot_mapping[t] : -1;
     s_slot[tid] = (slot >= 0 && slot < num_slots) ? slot : -1;
   }
-  __syncthreads();
-
-  // Load: coalesced along head_size. Tokens whose slot is skipped are not read.
+  const int rows = min(kTileTokens, num_tokens - tile);
+  const T* key_tile = key + (long long)tile * key_stride + (long long)head * head_size;
+  const T* value_tile = value + (long long)tile * value_stride + (long long)head * head_size;
   if (vector_loads) {
-    for (int i = tid; i < kTileTokens * vecs_per_row; i += kCacheThreads) {
-      const int t = i / vecs_per_row, c = i % vecs_per_row;
-      if (s_slot[t] < 0) continue;
-      const long long tok = tile + t;
-      const uint4 k = reinterpret_cast<const uint4*>(key + tok * key_stride + (long long)head * head_size)[c];
-      const uint4 v = reinterpret_cast<const uint4*>(value + tok * value_stride + (long long)head * head_size)[c];
-      s_key[t * key_pitch + c] = k;
-      unsigned int* dst = s_value + t * value_pitch + 4 * c;
-      dst[0] = v.x;
-      dst[1] = v.y;
-      dst[2] = v.z;
-      dst[3] = v.w;
+    // Coalesced along head_size; kLoadUnroll independent loads per tensor in flight before the shared stores.
+    const int n = rows * vecs_per_row;
+    for (int i0 = tid; i0 < n; i0 += kLoadUnroll * kCacheThreads) {
+      uint4 k[kLoadUnroll], v[kLoadUnroll];
+#pragma unroll
+      for (int j = 0; j < kLoadUnroll; ++j) {
+        const int i = i0 + j * kCacheThreads, t = i / vecs_per_row, c = i % vecs_per_row;
+        if (i < n) {
+          k[j] = reinterpret_cast<const uint4*>(key_tile + t * key_stride)[c];
+          v[j] = reinterpret_cast<const uint4*>(value_tile + t * value_stride)[c];
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < kLoadUnroll; ++j) {
+        const int i = i0 + j * kCacheThreads, t = i / vecs_per_row, c = i % vecs_per_row;
+        if (i < n) {
+          s_key[t * key_pitch + c] = k[j];
+          unsigned int* dst = s_value + t * value_pitch + 4 * c;
+          dst[0] = v[j].x;
+          dst[1] = v[j].y;
+          dst[2] = v[j].z;
+          dst[3] = v[j].w;
+        }
+      }
     }
   } else {  // token stride or base not 16-byte aligned: element loads, same staging layout
-    for (int i = tid; i < kTileTokens * head_size; i += kCacheThreads) {
+    for (int i = tid; i < rows * head_size; i += kCacheThreads) {
       const int t = i / head_size, d = i % head_size;
-      if (s_slot[t] < 0) continue;
-      const long long tok = tile + t;
-      reinterpret_cast<T*>(s_key + t * key_pitch)[d] = key[tok * key_stride + (long long)head * head_size + d];
-      reinterpret_cast<T*>(s_value + t * value_pitch)[d] = value[tok * value_stride + (long long)head * head_size + d];
+      reinterpret_cast<T*>(s_key + t * key_pitch)[d] = key_tile[t * key_stride + d];
+      reinterpret_cast<T*>(s_value + t * value_pitch)[d] = value_tile[t * value_stride + d];
     }
   }
   __syncthreads();

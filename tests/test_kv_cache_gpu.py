@@ -117,7 +117,7 @@ def test_write_large_matches_numpy_path(cp, rng):
 
 
 def test_write_check_slots_false_skips_out_of_range(cp, rng):
-    t, h, d, bs, nb = 40, 2, 64, 16, 2
+    t, h, d, bs, nb = 40, 2, 64, 16, 4
     key = cp.asarray(rng.standard_normal((t, h, d)).astype(FP16))
     slots = random_slots(rng, t, nb * bs)
     slots[1::4] = nb * bs + np.arange(slots[1::4].size) * 1000  # out of range: must be skipped, not written
@@ -126,8 +126,8 @@ def test_write_check_slots_false_skips_out_of_range(cp, rng):
     ok = np.where(slots < nb * bs, slots, -1)
     want = oracle_write(kv.reshape(2, -1), key.get(), key.get(), ok, block_size=bs)
     np.testing.assert_array_equal(bits(got.reshape(2, -1)), bits(want))
-    with pytest.raises(ValueError, match=r"slot_mapping\[1\] \(32\) is out of range: the cache has 2 blocks x 16"):
-        gpu_write(cp, key, key, kv, np.where(np.arange(t) == 1, 32, -1), h, d)
+    with pytest.raises(ValueError, match=r"slot_mapping\[1\] \(64\) is out of range: the cache has 4 blocks x 16"):
+        gpu_write(cp, key, key, kv, np.where(np.arange(t) == 1, 64, -1), h, d)
 
 
 def test_split_views_on_device(cp):
