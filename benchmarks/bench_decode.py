@@ -4,7 +4,8 @@ Phi-3-small per rank (BENCHMARKS.md): 32 q heads, 8 kv heads, head_size 128, bf1
 64, local 16, vert 8, step 1, scale 1/128; physical cache blocks shuffled. Effective bandwidth = the K/V bytes the
 sparse rule must read (per sequence and kv head: the union over its query heads of active cache blocks x block bytes,
 K and V) / time. SDPA: one query token on contiguous [S, H, L, D] K/V of the same sizes; bandwidth = all K/V bytes /
-time. Also: cubsattn dense (vert_stride 0) on all bytes, fp8 cache on its (halved) needed bytes, and a split sweep.
+time. Also: the sparse time with physical blocks in logical order (contig), cubsattn dense (vert_stride 0) on all
+bytes, fp8 cache on its (halved) needed bytes, and a split sweep.
 Every cache is far larger than L2. Times: median of CUDA-event-timed runs after warm-up. torch only here.
 
     python benchmarks/bench_decode.py [--configs 64x8k,16x32k,256x2k,1x128k] [--no-peers] [--no-sweep]
@@ -78,7 +79,7 @@ def run(args):
         except ImportError:
             print("torch not installed: peers skipped")
     print(f"{'config':>8} {'frac':>5} {'splits':>6} {'sparse ms':>9} {'eff TB/s':>8} {'SDPA ms':>8} {'SDPA TB/s':>9} "
-          f"{'ratio':>5} {'dense ms':>8} {'dense TB/s':>10} {'fp8 ms':>7} {'fp8 TB/s':>8}")
+          f"{'ratio':>5} {'contig ms':>9} {'dense ms':>8} {'dense TB/s':>10} {'fp8 ms':>7} {'fp8 TB/s':>8}")
     sweeps = []
     for name in args.configs.split(","):
         num_seqs, ctx = CONFIGS[name]
@@ -104,6 +105,10 @@ def run(args):
         all_bytes = num_seqs * KV_HEADS * ctx * D * 2 * 2
         splits = _decode_cuda.choose_num_splits(num_seqs, KV_HEADS, ctx, CACHE_BS, _kernels.num_sms())
         t_sparse = time_cuda(call(kc, vc))
+        # The same with physical blocks in logical order (block table = arange): isolates the cost of scattering.
+        common = (cupy.arange(num_blocks, dtype=np.int32).reshape(num_seqs, nblk), seq_lens, ctx)
+        t_contig = time_cuda(call(kc, vc))
+        common = (block_tables, seq_lens, ctx)
         t_dense = time_cuda(call(kc, vc, sparse=False))
         if not args.no_sweep:
             least = _decode_cuda.min_num_splits(ctx, CACHE_BS)
@@ -141,7 +146,7 @@ def run(args):
         eff = need_bytes / t_sparse / 1e9
         sdpa_bw = all_bytes / t_sdpa / 1e9
         print(f"{name:>8} {need_bytes / all_bytes:5.2f} {splits:6d} {t_sparse:9.3f} {eff:8.2f} {t_sdpa:8.3f} "
-              f"{sdpa_bw:9.2f} {eff / sdpa_bw:5.2f} {t_dense:8.3f} {all_bytes / t_dense / 1e9:10.2f} "
+              f"{sdpa_bw:9.2f} {eff / sdpa_bw:5.2f} {t_contig:9.3f} {t_dense:8.3f} {all_bytes / t_dense / 1e9:10.2f} "
               f"{t_fp8:7.3f} {need_bytes / 2 / t_fp8 / 1e9:8.2f}", flush=True)
         del query, out, block_tables, seq_lens
         cupy.get_default_memory_pool().free_all_blocks()

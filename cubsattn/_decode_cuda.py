@@ -24,9 +24,11 @@ THREADS = 128
 STAGE_TOKENS = 32
 MMA_STAGE_TOKENS = 64
 MAX_SPLIT_BLOCKS = 512
-#: Split heuristic: aim for this many CTAs per SM, but never split a sequence into pieces shorter than
+#: Split heuristic: aim for this many CTAs per SM (the tensor-core kernel keeps 2 resident; a split sweep on an H200
+#: put the best counts at 1 for 64 x 8k and 256 x 2k, 4-16 for 16 x 32k, 16-32 for 1 x 128k), but never split a
+#: sequence into pieces shorter than
 #: MIN_SPLIT_TOKENS (each split pays a block-list prologue, a pipeline fill and a combine share).
-TARGET_CTAS_PER_SM = 8
+TARGET_CTAS_PER_SM = 2
 MIN_SPLIT_TOKENS = 1024
 
 
@@ -84,7 +86,8 @@ def choose_num_splits(num_seqs: int, num_kv_heads: int, context_len: int, block_
 
     One CTA per (sequence, kv head, split): enough splits to give every SM about TARGET_CTAS_PER_SM CTAs, but no
     split shorter than MIN_SPLIT_TOKENS, and no fewer than ``min_num_splits``. Examples on 132 SMs, 8 kv heads,
-    cache block 16: 256 x 2k -> 1 split (2048 CTAs); 64 x 8k -> 3; 16 x 32k -> 9; 1 x 128k -> 128 (1024 CTAs).
+    cache block 16: 256 x 2k -> 1 split (2048 CTAs); 64 x 8k -> 1 (512); 16 x 32k -> 4 (512); 1 x 128k -> 33
+    (264 CTAs).
     """
     units = max(1, num_seqs * num_kv_heads)
     want = math.ceil(TARGET_CTAS_PER_SM * num_sms / units)

@@ -191,7 +191,7 @@ def test_paged_attention_exposes_decode():
 
 
 @pytest.mark.parametrize("num_seqs,context,splits_at_least,ctas_at_least", [
-    (256, 2048, 1, 132), (64, 8192, 2, 132 * 4), (16, 32768, 4, 132 * 4), (1, 131072, 64, 132 * 4)])
+    (256, 2048, 1, 132 * 2), (64, 8192, 1, 132 * 2), (16, 32768, 4, 132 * 2), (1, 131072, 32, 132 * 2)])
 def test_split_heuristic_fills_the_gpu(num_seqs, context, splits_at_least, ctas_at_least):
     splits = _decode_cuda.choose_num_splits(num_seqs, 8, context, 16, 132)
     assert splits >= splits_at_least
