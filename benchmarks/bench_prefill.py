@@ -51,14 +51,14 @@ def run(args):
 
     dtype = cubsattn._checks.BFLOAT16 if args.dtype == "bf16" else np.dtype(np.float16)
     d = args.head_size
-    if args.block_m is not None:
-        if (d, args.block_m) not in _prefill_cuda.INSTANTIATIONS:
-            raise SystemExit(f"BLOCK_M {args.block_m} is not compiled for head_size {d}: "
-                             f"{_prefill_cuda.INSTANTIATIONS}")
-        _prefill_cuda.BLOCK_M[d] = args.block_m
+    if args.tile is not None:
+        tile = tuple(int(x) for x in args.tile.split(","))
+        if (d, tile) not in _prefill_cuda.INSTANTIATIONS:
+            raise SystemExit(f"tile {tile} is not compiled for head_size {d}: {_prefill_cuda.INSTANTIATIONS}")
+        _prefill_cuda.TILES[d] = tile
     props = cupy.cuda.runtime.getDeviceProperties(0)
     print(f"device: {props['name'].decode()}  cupy {cupy.__version__}  dtype {args.dtype}  head_size {d}  "
-          f"heads {HEADS}/{KV_HEADS}  block {BLOCK} local {LOCAL} vert {VERT}  BLOCK_M {_prefill_cuda.BLOCK_M[d]}")
+          f"heads {HEADS}/{KV_HEADS}  block {BLOCK} local {LOCAL} vert {VERT}  tile {_prefill_cuda.TILES[d]}")
     torch = None
     if not args.no_peers:
         try:
@@ -178,7 +178,7 @@ def main():
     p.add_argument("--head-size", type=int, default=128)
     p.add_argument("--configs", default="4k,16k,64k")
     p.add_argument("--no-peers", action="store_true", help="skip torch SDPA / FlexAttention")
-    p.add_argument("--block-m", type=int, help="query rows per CTA (a compiled (head_size, BLOCK_M) pair)")
+    p.add_argument("--tile", help="BLOCK_M,WARPS,BLOCK_N,STAGES: a compiled alternative tile (see _prefill_cuda)")
     p.add_argument("--startup", action="store_true", help="measure compile and cached-start times instead")
     args = p.parse_args()
     if args.startup:

@@ -18,33 +18,32 @@ from .layout import BlockSparseLayout
 HEAD_SIZES = (64, 80, 96, 128, 256)
 #: Sparse block sizes the kernel supports (powers of two: the key walk and masks use shifts).
 BLOCK_SIZES = (16, 32, 64, 128)
-#: Query rows per CTA (BLOCK_M) for each head size. BLOCK_M = 128 (8 warps) halves the K/V shared-memory fills per
-#: query row; D = 256 keeps 64 rows (its fp32 output accumulator alone is 128 registers per thread).
-BLOCK_M = {64: 128, 80: 128, 96: 128, 128: 128, 256: 64}
+#: CTA tile per head size: (BLOCK_M query rows, WARPS, BLOCK_N keys per K/V tile, K/V STAGES). With 4 warps of 32
+#: rows each every K/V fragment read from shared memory feeds two MMAs; D = 256 keeps 16 rows per warp (its fp32
+#: output accumulator alone is 128 registers per thread) and 32-key tiles (shared memory under 164 KB for sm_80).
+TILES = {64: (128, 4, 64, 2), 80: (128, 4, 64, 2), 96: (128, 4, 32, 2), 128: (128, 4, 64, 2), 256: (64, 4, 32, 2)}
 
 _DTYPES = tuple(_kernels.CTYPE)
 
 
-def kernel_name(dtype, head_size: int, block_m: int) -> str:
-    """Template instantiation name of the kernel for ``dtype`` / ``head_size`` / ``block_m``."""
-    return f"blocksparse_prefill<{_kernels.ctype(dtype)}, {head_size}, {block_m}>"
+def kernel_name(dtype, head_size: int, tile: tuple[int, int, int, int]) -> str:
+    """Template instantiation name of the kernel for ``dtype`` / ``head_size`` / ``tile`` (see TILES)."""
+    return f"blocksparse_prefill<{_kernels.ctype(dtype)}, {head_size}, {', '.join(str(x) for x in tile)}>"
 
 
-#: (head_size, BLOCK_M) pairs compiled: the defaults, plus D=128 with 64 rows for ``bench_prefill.py --block-m``.
-INSTANTIATIONS = tuple((d, BLOCK_M[d]) for d in HEAD_SIZES) + ((128, 64),)
+#: (head_size, tile) pairs compiled: the defaults, plus D=128 alternatives for ``bench_prefill.py --tile``.
+INSTANTIATIONS = tuple((d, TILES[d]) for d in HEAD_SIZES) + tuple(
+    (128, t) for t in ((128, 8, 64, 2), (128, 8, 64, 3), (128, 4, 32, 2), (128, 4, 32, 3), (64, 4, 64, 2),
+                       (64, 4, 64, 3)))
 
 SOURCE = _kernels.register(_kernels.KernelSource(
-    "prefill.cu", tuple(kernel_name(dt, d, m) for dt in _DTYPES for d, m in INSTANTIATIONS)))
+    "prefill.cu", tuple(kernel_name(dt, d, t) for dt in _DTYPES for d, t in INSTANTIATIONS)))
 
 
-def _block_n(head_size: int) -> int:
-    """Keys per K/V tile (prefill.cu Config::BLOCK_N)."""
-    return 32 if head_size > 128 else 64
-
-
-def _smem_bytes(head_size: int, block_m: int, itemsize: int) -> int:
-    """Dynamic shared memory of one CTA: Q tile + 2 stages of K and V, rows padded by 8 elements (Config)."""
-    return (block_m + 4 * _block_n(head_size)) * (head_size + 8) * itemsize
+def _smem_bytes(head_size: int, tile: tuple[int, int, int, int], itemsize: int) -> int:
+    """Dynamic shared memory of one CTA: Q tile + STAGES of K and V, rows padded by 8 elements (Config)."""
+    block_m, _, block_n, stages = tile
+    return (block_m + 2 * stages * block_n) * (head_size + 8) * itemsize
 
 
 # ---- tile schedule -----------------------------------------------------------------------------------------------
@@ -142,7 +141,8 @@ def prefill(q, k, v, cu_q: np.ndarray, cu_k: np.ndarray, layout: BlockSparseLayo
         raise ValueError(f"at most 2**31 - 1 tokens per call, got {int(cu_q[-1])} queries and {int(cu_k[-1])} keys")
     if num_q_tokens == 0:
         return out
-    block_m = BLOCK_M[head_size]
+    tile = TILES[head_size]
+    block_m, warps = tile[:2]
     schedule, num_tiles = _device_schedule(cupy, cu_q, cu_k, block_m)
     if num_tiles == 0:
         return out
@@ -152,16 +152,16 @@ def prefill(q, k, v, cu_q: np.ndarray, cu_k: np.ndarray, layout: BlockSparseLayo
     dev_cu_k = schedule[2 * num_tiles + batch + 1:]
     indptr, indices = layout.csr(cupy)
 
-    name = kernel_name(q.dtype, head_size, block_m)
+    name = kernel_name(q.dtype, head_size, tile)
     kernel = _kernels.get_function(SOURCE.filename, name)
-    smem = _smem_bytes(head_size, block_m, q.dtype.itemsize)
+    smem = _smem_bytes(head_size, tile, q.dtype.itemsize)
     key = (cupy.cuda.Device().id, name)
     if key not in _SMEM_SET:  # over 48 KB needs the opt-in attribute (once per kernel and device)
         kernel.max_dynamic_shared_size_bytes = smem
         _SMEM_SET.add(key)
     scale_log2 = np.float32(scale * math.log2(math.e))
     (q_tok, q_head), (k_tok, k_head), (v_tok, v_head), (o_tok, o_head) = strides
-    kernel((num_tiles * num_heads,), (block_m * 2,),
+    kernel((num_tiles * num_heads,), (warps * 32,),
            (q, np.int64(q_tok), np.int32(q_head),
             k, np.int64(k_tok), np.int32(k_head),
             v, np.int64(v_tok), np.int32(v_head),

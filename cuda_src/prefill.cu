@@ -1,8 +1,8 @@
 // blocksparse_prefill: varlen block-sparse causal attention, FlashAttention-2 style (mma.sync m16n8k16 with fp32
-// accumulate, ldmatrix, cp.async double-buffered K/V, fp32 online softmax in base 2).
+// accumulate, ldmatrix, cp.async multi-stage K/V, fp32 online softmax in base 2).
 // q [T_q, H_q, D], k/v [T_k, H_kv, D], out [T_q, H_q, D]: last dim contiguous, token/head strides in elements.
 // Grid: one CTA per (query tile, q head), blockIdx.x = tile_rank * H_q + head (tiles heaviest first, see
-// cubsattn/_prefill_cuda.py); BLOCK_M / 16 warps own 16 query rows each and walk the union of the tile's CSR rows.
+// cubsattn/_prefill_cuda.py); WARPS warps own BLOCK_M / WARPS query rows each and walk the union of the tile's CSR rows.
 #include "common.cuh"
 
 namespace cubsattn {
@@ -76,18 +76,24 @@ __device__ __forceinline__ float exp2_approx(float x) {
 // ---------------------------------------------------------------------------------------------------------------
 // Tile configuration. The host mirrors SMEM_BYTES in cubsattn/_prefill_cuda.py::_smem_bytes.
 
-template <int HEAD_DIM, int BLOCK_M> struct Config {
-  static constexpr int BLOCK_N = HEAD_DIM > 128 ? 32 : 64;  // keys per K/V tile; 32 keeps D=256 under 164 KB
-  static constexpr int WARPS = BLOCK_M / 16;
+template <int HEAD_DIM, int BLOCK_M, int WARPS, int BLOCK_N_, int STAGES_> struct Config {
+  static constexpr int BLOCK_N = BLOCK_N_;  // keys per K/V tile (a power of two >= 16)
   static constexpr int THREADS = WARPS * 32;
+  // m16 tiles per warp. Two (32 rows) make every K/V fragment read from shared memory feed twice the MMAs.
+  static constexpr int MT = BLOCK_M / (16 * WARPS);
+  static constexpr int WARP_ROWS = 16 * MT;
   // Rows padded by 16 bytes: the 8 row addresses of one ldmatrix phase then fall on 8 distinct 4-bank groups
   // for every supported D (row pitch = 4, 12, 20 or 4 words mod 32).
   static constexpr int STRIDE = HEAD_DIM + 8;
   static constexpr int CHUNKS = HEAD_DIM / 8;               // 16-byte chunks per row
-  static constexpr bool Q_IN_REGS = HEAD_DIM <= 128;        // D=256 re-reads Q from shared memory (registers)
+  static constexpr bool Q_IN_REGS = MT == 1 && HEAD_DIM <= 128;  // else Q fragments are re-read from shared memory
   static constexpr int Q_ELEMS = BLOCK_M * STRIDE;
   static constexpr int KV_ELEMS = BLOCK_N * STRIDE;
-  static constexpr int STAGES = 2;
+  // K/V buffers: 2 = refill after a second barrier per tile; 3 = refill tile t+2 right after the barrier that
+  // opens tile t (its buffer was last read in tile t-1), one barrier per tile.
+  static constexpr int STAGES = STAGES_;
+  static_assert(STAGES == 2 || STAGES == 3, "2 or 3 K/V stages");
+  static_assert(MT >= 1 && BLOCK_M == WARP_ROWS * WARPS, "BLOCK_M must be a multiple of 16 * WARPS");
 };
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -158,7 +164,7 @@ struct KeyWalk {
 // ---------------------------------------------------------------------------------------------------------------
 // The kernel body, generic over the K/V source.
 
-template <typename T, int HEAD_DIM, int BLOCK_M, typename KV>
+template <typename T, int HEAD_DIM, int BLOCK_M, int WARPS, int BLOCK_N_, int STAGES, typename KV>
 __device__ __forceinline__ void prefill_tile(
     const T* __restrict__ q, long long q_tok, int q_head,      // [T_q, H_q, D]
     T* __restrict__ out, long long o_tok, int o_head,          // [T_q, H_q, D]
@@ -169,8 +175,9 @@ __device__ __forceinline__ void prefill_tile(
     const int* __restrict__ indptr,                            // [H_q, NB + 1]
     const int* __restrict__ indices,                           // [H_q, nnz_stride]
     int num_heads, int group, int num_blocks, int nnz_stride, int block_size, float scale_log2) {
-  using C = Config<HEAD_DIM, BLOCK_M>;
+  using C = Config<HEAD_DIM, BLOCK_M, WARPS, BLOCK_N_, STAGES>;
   constexpr int BLOCK_N = C::BLOCK_N, STRIDE = C::STRIDE, CHUNKS = C::CHUNKS, THREADS = C::THREADS;
+  constexpr int MT = C::MT, WARP_ROWS = C::WARP_ROWS;
   constexpr int DT = HEAD_DIM / 8;   // 8-wide output column tiles
   constexpr int KT = HEAD_DIM / 16;  // 16-deep k-steps of Q K^T
   constexpr int NT = BLOCK_N / 8;    // 8-wide score column tiles
@@ -249,155 +256,206 @@ __device__ __forceinline__ void prefill_tile(
   cp_async_commit();
 
   // ---- per-warp state ----------------------------------------------------------------------------------------
-  const int warp_pos0 = tile_start + warp * 16;                     // absolute position of the warp's row 0
-  const int warp_last = min(warp_pos0 + 15, pos_hi - 1);
-  const bool warp_valid = warp_pos0 + 15 >= pos_lo && warp_pos0 < pos_hi;
+  const int warp_pos0 = tile_start + warp * WARP_ROWS;              // absolute position of the warp's row 0
+  const int warp_last = min(warp_pos0 + WARP_ROWS - 1, pos_hi - 1);
+  const bool warp_valid = warp_pos0 + WARP_ROWS - 1 >= pos_lo && warp_pos0 < pos_hi;
   const int per_tile = walk.per_tile;
   const unsigned full_bits = (1u << per_tile) - 1u;
-  const int warp_shift = (warp * 16 / block_size) * per_tile;        // this warp's row bits in a tile mask
-  const int block_shift = __ffs(block_size) - 1;                     // block sizes are powers of two
-  const int row_pos0 = warp_pos0 + g;                               // absolute positions of rows g and g + 8
-
-  float acc[DT][4];
+  const int block_shift = __ffs(block_size) - 1;                    // block sizes are powers of two
+  int row_shift[MT];                                                // each m-tile's row bits in a tile mask
 #pragma unroll
-  for (int j = 0; j < DT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
-  float row_max[2] = {NEG_INF, NEG_INF}, row_sum[2] = {0.f, 0.f};
+  for (int mt = 0; mt < MT; ++mt) row_shift[mt] = ((warp * WARP_ROWS + mt * 16) >> block_shift) * per_tile;
 
-  // ldmatrix lane offsets (elements): Q/P A-operand rows, K B-operand rows, V transposed B-operand rows.
-  const int a_off = (warp * 16 + (lane & 15)) * STRIDE + (lane >> 4) * 8;
+  float acc[MT][DT][4];
+  float row_max[MT][2], row_sum[MT][2];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+    for (int j = 0; j < DT; ++j) acc[mt][j][0] = acc[mt][j][1] = acc[mt][j][2] = acc[mt][j][3] = 0.f;
+    row_max[mt][0] = row_max[mt][1] = NEG_INF;
+    row_sum[mt][0] = row_sum[mt][1] = 0.f;
+  }
+
+  // ldmatrix lane offsets (elements): Q A-operand rows (m-tile 0), K B-operand rows, V transposed B-operand rows.
+  const int a_off = (warp * WARP_ROWS + (lane & 15)) * STRIDE + (lane >> 4) * 8;
   const int k_off = ((lane >> 4) * 8 + (lane & 7)) * STRIDE + ((lane >> 3) & 1) * 8;
   const int v_off = (lane & 15) * STRIDE + (lane >> 4) * 8;
 
-  unsigned qf[C::Q_IN_REGS ? KT : 1][4];
+  unsigned qf[C::Q_IN_REGS ? MT : 1][C::Q_IN_REGS ? KT : 1][4];
   cp_async_wait<2>();  // the Q group
   __syncthreads();
   if constexpr (C::Q_IN_REGS) {
 #pragma unroll
-    for (int kk = 0; kk < KT; ++kk) ldmatrix_x4(qf[kk], smem_addr(sQ + a_off + kk * 16));
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int kk = 0; kk < KT; ++kk) ldmatrix_x4(qf[mt][kk], smem_addr(sQ + a_off + mt * 16 * STRIDE + kk * 16));
   }
 
   // ---- main loop over key tiles ------------------------------------------------------------------------------
-  for (int stage = 0; have_cur; stage ^= 1) {
+  for (int stage = 0; have_cur; stage = stage + 1 == STAGES ? 0 : stage + 1) {
     cp_async_wait<1>();
     __syncthreads();
-    const unsigned wbits = (mask_cur >> warp_shift) & full_bits;
-    if (warp_valid && wbits != 0 && n0_cur <= warp_last) {
+    int n0_new = 0;
+    unsigned mask_new = 0;
+    bool have_new = false;
+    if constexpr (STAGES == 3) {
+      have_new = have_nxt && walk.next(n0_new, mask_new);
+      if (have_new) load_kv(n0_new, stage == 0 ? 2 : stage - 1);
+      cp_async_commit();
+    }
+    unsigned wbits[MT], any_bits = 0;
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+      wbits[mt] = (mask_cur >> row_shift[mt]) & full_bits;
+      any_bits |= wbits[mt];
+    }
+    if (warp_valid && any_bits != 0 && n0_cur <= warp_last) {
       const T* cK = sK + stage * C::KV_ELEMS;
       const T* cV = sV + stage * C::KV_ELEMS;
 
-      // S = Q K^T (fp32)
-      float s[NT][4];
+      // S = Q K^T (fp32); each K fragment feeds all MT m-tiles.
+      float s[MT][NT][4];
 #pragma unroll
-      for (int j = 0; j < NT; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int j = 0; j < NT; ++j) s[mt][j][0] = s[mt][j][1] = s[mt][j][2] = s[mt][j][3] = 0.f;
 #pragma unroll
       for (int kk = 0; kk < KT; ++kk) {
-        unsigned a[4];
-        if constexpr (C::Q_IN_REGS) {
+        unsigned a[MT][4];
 #pragma unroll
-          for (int e = 0; e < 4; ++e) a[e] = qf[kk][e];
-        } else {
-          ldmatrix_x4(a, smem_addr(sQ + a_off + kk * 16));
+        for (int mt = 0; mt < MT; ++mt) {
+          if constexpr (C::Q_IN_REGS) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) a[mt][e] = qf[mt][kk][e];
+          } else {
+            ldmatrix_x4(a[mt], smem_addr(sQ + a_off + mt * 16 * STRIDE + kk * 16));
+          }
         }
 #pragma unroll
         for (int np = 0; np < NT / 2; ++np) {
           unsigned b[4];
           ldmatrix_x4(b, smem_addr(cK + k_off + np * 16 * STRIDE + kk * 16));
-          mma<T>(s[2 * np], a, b[0], b[1]);
-          mma<T>(s[2 * np + 1], a, b[2], b[3]);
+#pragma unroll
+          for (int mt = 0; mt < MT; ++mt) {
+            mma<T>(s[mt][2 * np], a[mt], b[0], b[1]);
+            mma<T>(s[mt][2 * np + 1], a[mt], b[2], b[3]);
+          }
         }
       }
 
-      // Scale into base 2; mask only where needed: keys after a row's position (diagonal / tail) or keys of
-      // sub-blocks that are not in this warp's CSR row.
+      float scale_old[MT][2];
 #pragma unroll
-      for (int j = 0; j < NT; ++j)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) s[j][e] *= scale_log2;
-      if (n0_cur + BLOCK_N - 1 > warp_pos0 || wbits != full_bits) {
+      for (int mt = 0; mt < MT; ++mt) {
+        // Scale into base 2; mask only where needed: keys after a row's position (diagonal / tail) or keys of
+        // sub-blocks that are not in this m-tile's CSR row.
 #pragma unroll
         for (int j = 0; j < NT; ++j)
 #pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int key_off = j * 8 + 2 * tq + (e & 1);
-            const int key = n0_cur + key_off;
-            const int pos = row_pos0 + (e >> 1) * 8;
-            const bool in_row = (wbits >> (key_off >> block_shift)) & 1u;
-            if (key > pos || !in_row) s[j][e] = NEG_INF;
-          }
-      }
-
-      // Online softmax (rows g and g+8 of the warp; the 4 lanes of a quad share a row).
-      float scale_old[2];
+          for (int e = 0; e < 4; ++e) s[mt][j][e] *= scale_log2;
+        const int mt_pos0 = warp_pos0 + mt * 16;
+        if (n0_cur + BLOCK_N - 1 > mt_pos0 || wbits[mt] != full_bits) {
 #pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        float mx = row_max[r];
+          for (int j = 0; j < NT; ++j)
 #pragma unroll
-        for (int j = 0; j < NT; ++j) mx = fmaxf(mx, fmaxf(s[j][2 * r], s[j][2 * r + 1]));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-        const float base = mx == NEG_INF ? 0.f : mx;  // a row with no key yet: keep everything finite
-        scale_old[r] = exp2_approx(row_max[r] - base);
-        row_max[r] = mx;
-        float sum = 0.f;
-#pragma unroll
-        for (int j = 0; j < NT; ++j) {
-          s[j][2 * r] = exp2_approx(s[j][2 * r] - base);
-          s[j][2 * r + 1] = exp2_approx(s[j][2 * r + 1] - base);
-          sum += s[j][2 * r] + s[j][2 * r + 1];
+            for (int e = 0; e < 4; ++e) {
+              const int key_off = j * 8 + 2 * tq + (e & 1);
+              const int pos = mt_pos0 + g + (e >> 1) * 8;
+              const bool in_row = (wbits[mt] >> (key_off >> block_shift)) & 1u;
+              if (n0_cur + key_off > pos || !in_row) s[mt][j][e] = NEG_INF;
+            }
         }
-        row_sum[r] = row_sum[r] * scale_old[r] + sum;  // per-lane partial; quad-reduced in the epilogue
-      }
+
+        // Online softmax (rows g and g+8 of the m-tile; the 4 lanes of a quad share a row).
 #pragma unroll
-      for (int j = 0; j < DT; ++j) {
-        acc[j][0] *= scale_old[0];
-        acc[j][1] *= scale_old[0];
-        acc[j][2] *= scale_old[1];
-        acc[j][3] *= scale_old[1];
+        for (int r = 0; r < 2; ++r) {
+          float mx = row_max[mt][r];
+#pragma unroll
+          for (int j = 0; j < NT; ++j) mx = fmaxf(mx, fmaxf(s[mt][j][2 * r], s[mt][j][2 * r + 1]));
+          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+          const float base = mx == NEG_INF ? 0.f : mx;  // a row with no key yet: keep everything finite
+          scale_old[mt][r] = exp2_approx(row_max[mt][r] - base);
+          row_max[mt][r] = mx;
+          float sum = 0.f;
+#pragma unroll
+          for (int j = 0; j < NT; ++j) {
+            s[mt][j][2 * r] = exp2_approx(s[mt][j][2 * r] - base);
+            s[mt][j][2 * r + 1] = exp2_approx(s[mt][j][2 * r + 1] - base);
+            sum += s[mt][j][2 * r] + s[mt][j][2 * r + 1];
+          }
+          row_sum[mt][r] = row_sum[mt][r] * scale_old[mt][r] + sum;  // per-lane partial; quad-reduced at the end
+        }
+#pragma unroll
+        for (int j = 0; j < DT; ++j) {
+          acc[mt][j][0] *= scale_old[mt][0];
+          acc[mt][j][1] *= scale_old[mt][0];
+          acc[mt][j][2] *= scale_old[mt][1];
+          acc[mt][j][3] *= scale_old[mt][1];
+        }
       }
 
       // O += P V: the score accumulators, rounded to T, are the A operand directly (no shared round trip).
 #pragma unroll
       for (int kk = 0; kk < BLOCK_N / 16; ++kk) {
-        const unsigned a[4] = {pack2<T>(s[2 * kk][0], s[2 * kk][1]), pack2<T>(s[2 * kk][2], s[2 * kk][3]),
-                               pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-                               pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+        unsigned a[MT][4];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          a[mt][0] = pack2<T>(s[mt][2 * kk][0], s[mt][2 * kk][1]);
+          a[mt][1] = pack2<T>(s[mt][2 * kk][2], s[mt][2 * kk][3]);
+          a[mt][2] = pack2<T>(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
+          a[mt][3] = pack2<T>(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
+        }
 #pragma unroll
         for (int dp = 0; dp < DT / 2; ++dp) {
           unsigned b[4];
           ldmatrix_x4_trans(b, smem_addr(cV + v_off + kk * 16 * STRIDE + dp * 16));
-          mma<T>(acc[2 * dp], a, b[0], b[1]);
-          mma<T>(acc[2 * dp + 1], a, b[2], b[3]);
+#pragma unroll
+          for (int mt = 0; mt < MT; ++mt) {
+            mma<T>(acc[mt][2 * dp], a[mt], b[0], b[1]);
+            mma<T>(acc[mt][2 * dp + 1], a[mt], b[2], b[3]);
+          }
         }
       }
     }
-    __syncthreads();  // everyone is done with this stage before it is refilled
+    if constexpr (STAGES == 2) {
+      __syncthreads();  // everyone is done with this stage before it is refilled
+      have_new = have_nxt && walk.next(n0_new, mask_new);
+      if (have_new) load_kv(n0_new, stage);
+      cp_async_commit();
+    }
     have_cur = have_nxt;
     n0_cur = n0_nxt;
     mask_cur = mask_nxt;
-    have_nxt = have_nxt && walk.next(n0_nxt, mask_nxt);
-    if (have_nxt) load_kv(n0_nxt, stage);
-    cp_async_commit();
+    have_nxt = have_new;
+    n0_nxt = n0_new;
+    mask_nxt = mask_new;
   }
 
-  // ---- epilogue: normalise, stage the warp's 16 rows in its own rows of sQ, write 16-byte chunks -------------
+  // ---- epilogue: normalise, stage the warp's rows in its own rows of sQ, write 16-byte chunks ----------------
   cp_async_wait<0>();
+  T* sO = sQ + warp * WARP_ROWS * STRIDE;
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    row_sum[r] += __shfl_xor_sync(0xffffffffu, row_sum[r], 1);
-    row_sum[r] += __shfl_xor_sync(0xffffffffu, row_sum[r], 2);
-  }
-  const float inv0 = row_sum[0] > 0.f ? 1.f / row_sum[0] : 0.f;  // an empty CSR row outputs zeros
-  const float inv1 = row_sum[1] > 0.f ? 1.f / row_sum[1] : 0.f;
-  T* sO = sQ + warp * 16 * STRIDE;
+  for (int mt = 0; mt < MT; ++mt) {
+    float inv[2];
 #pragma unroll
-  for (int j = 0; j < DT; ++j) {
-    *reinterpret_cast<unsigned*>(sO + g * STRIDE + j * 8 + 2 * tq) = pack2<T>(acc[j][0] * inv0, acc[j][1] * inv0);
-    *reinterpret_cast<unsigned*>(sO + (g + 8) * STRIDE + j * 8 + 2 * tq) =
-        pack2<T>(acc[j][2] * inv1, acc[j][3] * inv1);
+    for (int r = 0; r < 2; ++r) {
+      float l = row_sum[mt][r];
+      l += __shfl_xor_sync(0xffffffffu, l, 1);
+      l += __shfl_xor_sync(0xffffffffu, l, 2);
+      inv[r] = l > 0.f ? 1.f / l : 0.f;  // an empty CSR row outputs zeros
+    }
+    T* rows = sO + mt * 16 * STRIDE;
+#pragma unroll
+    for (int j = 0; j < DT; ++j) {
+      *reinterpret_cast<unsigned*>(rows + g * STRIDE + j * 8 + 2 * tq) =
+          pack2<T>(acc[mt][j][0] * inv[0], acc[mt][j][1] * inv[0]);
+      *reinterpret_cast<unsigned*>(rows + (g + 8) * STRIDE + j * 8 + 2 * tq) =
+          pack2<T>(acc[mt][j][2] * inv[1], acc[mt][j][3] * inv[1]);
+    }
   }
   __syncwarp();
 #pragma unroll
-  for (int i = lane; i < 16 * CHUNKS; i += 32) {
+  for (int i = lane; i < WARP_ROWS * CHUNKS; i += 32) {
     const int r = i / CHUNKS, c = i % CHUNKS, pos = warp_pos0 + r;
     if (pos >= pos_lo && pos < pos_hi)
       *reinterpret_cast<uint4*>(out + (q0 + pos - past) * o_tok + head * o_head + c * 8) =
@@ -409,10 +467,11 @@ __device__ __forceinline__ void prefill_tile(
 }  // namespace cubsattn
 
 // ---------------------------------------------------------------------------------------------------------------
-// Entry point over contiguous (strided) K/V. Dynamic shared memory: (BLOCK_M + 4 * BLOCK_N) * (D + 8) * sizeof(T).
+// Entry point over contiguous (strided) K/V: WARPS * 32 threads; dynamic shared memory
+// (BLOCK_M + 2 * STAGES * BLOCK_N) * (D + 8) * sizeof(T) bytes.
 
-template <typename T, int HEAD_DIM, int BLOCK_M>
-__global__ void __launch_bounds__(BLOCK_M * 2) blocksparse_prefill(
+template <typename T, int HEAD_DIM, int BLOCK_M, int WARPS, int BLOCK_N, int STAGES>
+__global__ void __launch_bounds__(WARPS * 32) blocksparse_prefill(
     const T* __restrict__ q, long long q_tok, int q_head,      // [T_q, H_q, D]
     const T* __restrict__ k, long long k_tok, int k_head,      // [T_k, H_kv, D]
     const T* __restrict__ v, long long v_tok, int v_head,      // [T_k, H_kv, D]
@@ -424,7 +483,7 @@ __global__ void __launch_bounds__(BLOCK_M * 2) blocksparse_prefill(
   using KV = cubsattn::prefill::ContiguousKV<T>;
   const KV kv_k{k, k_tok, k_head, cu_k, k};
   const KV kv_v{v, v_tok, v_head, cu_k, v};
-  cubsattn::prefill::prefill_tile<T, HEAD_DIM, BLOCK_M, KV>(q, q_tok, q_head, out, o_tok, o_head, kv_k, kv_v, tiles,
+  cubsattn::prefill::prefill_tile<T, HEAD_DIM, BLOCK_M, WARPS, BLOCK_N, STAGES, KV>(q, q_tok, q_head, out, o_tok, o_head, kv_k, kv_v, tiles,
                                                             cu_q, cu_k, indptr, indices, num_heads, group,
                                                             num_blocks, nnz_stride, block_size, scale_log2);
 }
