@@ -159,7 +159,14 @@ def prefill(q, k, v, cu_q: np.ndarray, cu_k: np.ndarray, layout: BlockSparseLayo
     if key not in _SMEM_SET:  # over 48 KB needs the opt-in attribute (once per kernel and device)
         kernel.max_dynamic_shared_size_bytes = smem
         _SMEM_SET.add(key)
-    scale_log2 = np.float32(scale * math.log2(math.e))
+    # The kernel needs scale > 0 (it scales inside exp2 with one FFMA and keeps -inf masks). scale 0 runs as
+    # 1e-30: every finite score then gives 2^0 = 1 exactly in fp32, i.e. a uniform average. A negative scale runs
+    # on -q (a temporary copy) with |scale|.
+    if scale < 0:
+        q = (-q.astype(cupy.float32)).astype(q.dtype)
+        q_tok, q_head = _element_strides("q", q)
+        strides[0] = (q_tok, q_head)
+    scale_log2 = np.float32(abs(scale) * math.log2(math.e) if scale != 0 else 1e-30)
     (q_tok, q_head), (k_tok, k_head), (v_tok, v_head), (o_tok, o_head) = strides
     kernel((num_tiles * num_heads,), (warps * 32,),
            (q, np.int64(q_tok), np.int32(q_head),

@@ -346,12 +346,8 @@ __device__ __forceinline__ void prefill_tile(
       float scale_old[MT][2];
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt) {
-        // Scale into base 2; mask only where needed: keys after a row's position (diagonal / tail) or keys of
-        // sub-blocks that are not in this m-tile's CSR row.
-#pragma unroll
-        for (int j = 0; j < NT; ++j)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) s[mt][j][e] *= scale_log2;
+        // Mask only where needed: keys after a row's position (diagonal / tail) or keys of sub-blocks that are not
+        // in this m-tile's CSR row. Scores stay unscaled (scale_log2 > 0 keeps -inf and the row maximum).
         const int mt_pos0 = warp_pos0 + mt * 16;
         if (n0_cur + BLOCK_N - 1 > mt_pos0 || wbits[mt] != full_bits) {
 #pragma unroll
@@ -365,7 +361,8 @@ __device__ __forceinline__ void prefill_tile(
             }
         }
 
-        // Online softmax (rows g and g+8 of the m-tile; the 4 lanes of a quad share a row).
+        // Online softmax in base 2, p = 2^(s * scale_log2 - max * scale_log2): one FFMA and one EX2 per score.
+        // Rows g and g+8 of the m-tile; the 4 lanes of a quad share a row.
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
           float mx = row_max[mt][r];
@@ -373,25 +370,34 @@ __device__ __forceinline__ void prefill_tile(
           for (int j = 0; j < NT; ++j) mx = fmaxf(mx, fmaxf(s[mt][j][2 * r], s[mt][j][2 * r + 1]));
           mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
           mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-          const float base = mx == NEG_INF ? 0.f : mx;  // a row with no key yet: keep everything finite
-          scale_old[mt][r] = exp2_approx(row_max[mt][r] - base);
+          const float base = mx == NEG_INF ? 0.f : mx * scale_log2;  // no key yet: keep everything finite
+          scale_old[mt][r] = exp2_approx(row_max[mt][r] * scale_log2 - base);
           row_max[mt][r] = mx;
           float sum = 0.f;
 #pragma unroll
           for (int j = 0; j < NT; ++j) {
-            s[mt][j][2 * r] = exp2_approx(s[mt][j][2 * r] - base);
-            s[mt][j][2 * r + 1] = exp2_approx(s[mt][j][2 * r + 1] - base);
+            s[mt][j][2 * r] = exp2_approx(fmaf(s[mt][j][2 * r], scale_log2, -base));
+            s[mt][j][2 * r + 1] = exp2_approx(fmaf(s[mt][j][2 * r + 1], scale_log2, -base));
             sum += s[mt][j][2 * r] + s[mt][j][2 * r + 1];
           }
           row_sum[mt][r] = row_sum[mt][r] * scale_old[mt][r] + sum;  // per-lane partial; quad-reduced at the end
         }
+      }
+
+      // Rescale the output only when a row maximum of this warp moved (rare once the first tiles are seen).
+      bool moved = false;
 #pragma unroll
-        for (int j = 0; j < DT; ++j) {
-          acc[mt][j][0] *= scale_old[mt][0];
-          acc[mt][j][1] *= scale_old[mt][0];
-          acc[mt][j][2] *= scale_old[mt][1];
-          acc[mt][j][3] *= scale_old[mt][1];
-        }
+      for (int mt = 0; mt < MT; ++mt) moved |= scale_old[mt][0] != 1.f || scale_old[mt][1] != 1.f;
+      if (__any_sync(0xffffffffu, moved)) {
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+          for (int j = 0; j < DT; ++j) {
+            acc[mt][j][0] *= scale_old[mt][0];
+            acc[mt][j][1] *= scale_old[mt][0];
+            acc[mt][j][2] *= scale_old[mt][1];
+            acc[mt][j][3] *= scale_old[mt][1];
+          }
       }
 
       // O += P V: the score accumulators, rounded to T, are the A operand directly (no shared round trip).
