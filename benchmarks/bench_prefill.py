@@ -178,7 +178,7 @@ def main():
     p.add_argument("--head-size", type=int, default=128)
     p.add_argument("--configs", default="4k,16k,64k")
     p.add_argument("--no-peers", action="store_true", help="skip torch SDPA / FlexAttention")
-    p.add_argument("--tile", help="BLOCK_M,WARPS,BLOCK_N,STAGES: a compiled alternative tile (see _prefill_cuda)")
+    p.add_argument("--tile", help="BLOCK_M,WARPS,BLOCK_N: a compiled alternative tile (see _prefill_cuda)")
     p.add_argument("--startup", action="store_true", help="measure compile and cached-start times instead")
     args = p.parse_args()
     if args.startup:

@@ -10,7 +10,8 @@ import math
 import numpy as np
 import pytest
 
-from cubsattn import BlockSparseLayout, BlocksparseParams, LocalStridedBlockSparseAttn, blocksparse_prefill
+from cubsattn import (BlockSparseLayout, BlocksparseParams, LocalStridedBlockSparseAttn, _prefill_cuda,
+                      blocksparse_prefill)
 from conftest import BF16, FP16, TOLERANCES
 from oracle import masked_attention, rule_mask
 
@@ -252,14 +253,26 @@ def test_rejected_strides(cp):
 
 
 def test_schedule_heavy_first_and_aligned():
-    from cubsattn._prefill_cuda import tile_schedule
-
     cu_q = np.array([0, 100, 101, 101, 400])
     cu_k = np.array([0, 100, 301, 310, 610])
-    tiles = tile_schedule(cu_q, cu_k, 64)
+    tiles = _prefill_cuda.tile_schedule(cu_q, cu_k, 64)
     # seq 0: positions 0..99 -> tiles 0, 64; seq 1: position 200 -> tile 192; seq 2: none; seq 3: 1..299 -> 5 tiles
     assert sorted(map(tuple, tiles.tolist())) == [(0, 0), (0, 64), (1, 192), (3, 0), (3, 64), (3, 128), (3, 192),
                                                   (3, 256)]
     k_len = np.diff(cu_k)[tiles[:, 0]]
     span = np.minimum(tiles[:, 1] + 64, k_len)
     assert (np.diff(span) <= 0).all()
+
+
+ALTERNATIVE_TILES = [(d, t) for d, t in _prefill_cuda.INSTANTIATIONS if _prefill_cuda.TILES[d] != t]
+
+
+@pytest.mark.parametrize("head_size, tile", ALTERNATIVE_TILES, ids=str)
+@pytest.mark.parametrize("block", [16, 128])
+def test_alternative_tiles(cp, rng, monkeypatch, head_size, tile, block):
+    """The non-default compiled tiles (benchmark alternatives) are correct too."""
+    monkeypatch.setitem(_prefill_cuda.TILES, head_size, tile)
+    layout, mask = rule_problem(768, 8, 2, block, 2, 3)
+    q, k, v, cu_q, cu_k = make_inputs(rng, [300, 1, 200], [500, 1, 200], 8, 2, head_size, BF16)
+    gpu = run_gpu(cp, q, k, v, cu_q, cu_k, layout, None)
+    check_against_oracle(gpu, q, k, v, cu_q, cu_k, layout, mask, block, None)
