@@ -508,7 +508,6 @@ __global__ void __launch_bounds__(kThreads, 2) paged_decode(
 namespace tc {
 
 constexpr int kStageTokens = 64;  // 16 per warp: one m16n8k16 k-step of P V
-constexpr int kPrefetchStages = 2;  // stages prefetched into L2 beyond those in flight in shared memory
 
 template <int HEAD>
 struct Shape {
@@ -623,7 +622,11 @@ __global__ void __launch_bounds__(kThreads, 1) paged_decode_mma(
     return;
   }
 
-  // Q first: its load latency overlaps the block list's. Fragment coordinates: row (query head) g = lane / 4, column pair 2t, 2t + 1 with t = lane % 4.
+  const int n_act = build_block_list<8>(list_s, count_s, block_tables + (size_t)seq * bt_stride, j0, j1, len,
+                                        log2_bs, num_blocks, num_heads, num_kv_heads, kvh, group, tp_rank,
+                                        local_blocks, vert_stride, sparse_block, sliding_step);
+
+  // Fragment coordinates: row (query head) g = lane / 4, column pair 2t, 2t + 1 with t = lane % 4.
   const int g = lane >> 2, t = lane & 3;
   unsigned qa0[HEAD / 16], qa2[HEAD / 16];  // A fragments of Q (rows g < group; rows 8..15 are the zero registers)
   {
@@ -639,10 +642,6 @@ __global__ void __launch_bounds__(kThreads, 1) paged_decode_mma(
       }
     }
   }
-
-  const int n_act = build_block_list<8>(list_s, count_s, block_tables + (size_t)seq * bt_stride, j0, j1, len,
-                                        log2_bs, num_blocks, num_heads, num_kv_heads, kvh, group, tp_rank,
-                                        local_blocks, vert_stride, sparse_block, sliding_step);
 
   const int blocks_per_stage = tc::kStageTokens >> log2_bs;
   const int n_stages = (n_act + blocks_per_stage - 1) / blocks_per_stage;
@@ -669,31 +668,11 @@ __global__ void __launch_bounds__(kThreads, 1) paged_decode_mma(
     }
   };
 
-  // L2 prefetch of the stages after those in flight in shared memory: deepens the memory pipeline without shared
-  // memory (one prefetch per 128-byte line of each block's K and V slices).
-  auto prefetch_stage = [&](int stage) {
-    const int first = stage * blocks_per_stage;
-    const int lines = chunks >> 3;
-    for (int q = tid; q < 2 * lines * blocks_per_stage; q += kThreads) {
-      const int e = q / (2 * lines), r = q % (2 * lines);
-      if (first + e < n_act) {
-        const size_t blk = (size_t)list_s[first + e].x * num_kv_heads + kvh;
-        const T* base = r < lines ? key_cache : value_cache;
-        const unsigned char* a =
-            reinterpret_cast<const unsigned char*>(base + blk * block_elems) + (r < lines ? r : r - lines) * 128;
-        asm volatile("prefetch.global.L2 [%0];\n" ::"l"(a));
-      }
-    }
-  };
-
 #pragma unroll
   for (int st = 0; st < S::kStages - 1; ++st) {
     if (st < n_stages) load_stage(st, st);
     cp_async_commit();
   }
-#pragma unroll
-  for (int st = S::kStages - 1; st < S::kStages - 1 + tc::kPrefetchStages; ++st)
-    if (st < n_stages) prefetch_stage(st);
 
   float m_run = neg_inf(), l_run = 0.0f;  // row g's running max (log2 units) and this lane's share of the sum
   float o[HEAD / 8][2];                    // O[g][8j + 2t], O[g][8j + 2t + 1]
@@ -713,7 +692,6 @@ __global__ void __launch_bounds__(kThreads, 1) paged_decode_mma(
       const int next = st + S::kStages - 1;
       if (next < n_stages) load_stage(next, next % S::kStages);
       cp_async_commit();
-      if (next + tc::kPrefetchStages < n_stages) prefetch_stage(next + tc::kPrefetchStages);
     }
     const unsigned char* kbuf = smem + (st % S::kStages) * S::kStageBytes;
     unsigned char* vbuf = smem + (st % S::kStages) * S::kStageBytes + S::kKStageBytes;
@@ -737,20 +715,17 @@ __global__ void __launch_bounds__(kThreads, 1) paged_decode_mma(
     }
 
     // S = Q K^T for this warp's 16 tokens: n-tile 0 = tokens 16w..16w+7, n-tile 1 = 16w+8..16w+15.
-    // Even and odd k-steps accumulate separately: two dependent MMA chains of half the length (one chain for
-    // D = 256, whose registers are exhausted by Q and O fragments).
-    constexpr int kChains = HEAD <= 128 ? 2 : 1;
-    float s0[2][2] = {{0.0f, 0.0f}, {0.0f, 0.0f}}, s1[2][2] = {{0.0f, 0.0f}, {0.0f, 0.0f}};
+    float s0[2] = {0.0f, 0.0f}, s1[2] = {0.0f, 0.0f};
 #pragma unroll
     for (int kk = 0; kk < HEAD / 16; ++kk) {
       unsigned b[4];
       tc::ldmatrix_x4(b, kbuf + k_lane + kk * 2 * tc::kStageTokens * 16);
-      tc::mma_rows8<T>(s0[kk % kChains], qa0[kk], qa2[kk], b[0], b[1]);
-      tc::mma_rows8<T>(s1[kk % kChains], qa0[kk], qa2[kk], b[2], b[3]);
+      tc::mma_rows8<T>(s0, qa0[kk], qa2[kk], b[0], b[1]);
+      tc::mma_rows8<T>(s1, qa0[kk], qa2[kk], b[2], b[3]);
     }
 
     // Online softmax of row g over the lane's 4 tokens, then across the 4 lanes of the row.
-    float x[4] = {s0[0][0] + s0[1][0], s0[0][1] + s0[1][1], s1[0][0] + s1[1][0], s1[0][1] + s1[1][1]};
+    float x[4] = {s0[0], s0[1], s1[0], s1[1]};
 #pragma unroll
     for (int n = 0; n < 2; ++n) {
       const int tok = 16 * warp + 8 * n + 2 * t;
