@@ -7,6 +7,7 @@ dense layers use the same kernels with ``vert_stride=1`` (every block below the 
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass
 
@@ -149,10 +150,12 @@ def run_demo(config: StackConfig, xp, prompt_lens, decode_steps: int, *, out=pri
         meta = stack.builder.build([], handles)
         x = xp.asarray(np.stack([inp[n + step] for inp, n in zip(inputs, prompt_lens)]))
         last = stack.forward(x, meta)
-        done = (step + 1) * 30 // decode_steps
-        print(f"\rdecode [{'#' * done}{'.' * (30 - done)}] {step + 1}/{decode_steps}", end="", flush=True)
+        if sys.stdout.isatty():
+            done = (step + 1) * 30 // decode_steps
+            print(f"\rdecode [{'#' * done}{'.' * (30 - done)}] {step + 1}/{decode_steps}", end="", flush=True)
     _sync(xp)
-    print()
+    if sys.stdout.isatty():
+        print()
     decode_s = time.perf_counter() - t0
     generated = decode_steps * len(prompt_lens)
     out(f"decode: {decode_steps} steps x {len(prompt_lens)} sequences in {decode_s * 1e3:.1f} ms = "
