@@ -20,10 +20,10 @@ HEAD_SIZES = (64, 80, 96, 128, 256)
 BLOCK_SIZES = (16, 32, 64, 128)
 #: CTA tile per head size: (BLOCK_M query rows, WARPS, BLOCK_N keys per K/V tile). With 4 warps of 32 rows each,
 #: every K/V fragment read from shared memory feeds two MMAs: on an H200 (Phi-3-small, bf16, D=128) 128x64 with 4
-#: warps gave 226 / 249 / 280 useful TF/s on prefill-4k / 16k / 64k, against 213 / 234 / 263 for 128x32 with 4
-#: warps, 169 / 184 / 201 for 128x64 with 8 warps of 16 rows, and 184 / 201 / 218 for 64x64 with 4 warps.
-#: D = 96 uses 32-key tiles (64 spills registers); D = 256 keeps 16 rows per warp (its fp32 output accumulator
-#: alone is 128 registers per thread) and 32-key tiles (shared memory under 164 KB for sm_80).
+#: warps gave 223 / 247 / 276 useful TF/s on prefill-4k / 16k / 64k (ptxas spills 52 bytes per thread), against
+#: 206 / 225 / 250 for the spill-free 128x32; 128x64 with 8 warps of 16 rows and 64x64 with 4 warps ran 20-25%
+#: slower (benchmarks/RESULTS.md). D = 96 uses 32-key tiles (64 spills more); D = 256 keeps 16 rows per warp (its
+#: fp32 output accumulator alone is 128 registers per thread) and 32-key tiles (shared memory under 164 KB, sm_80).
 TILES = {64: (128, 4, 64), 80: (128, 4, 64), 96: (128, 4, 32), 128: (128, 4, 64), 256: (64, 4, 32)}
 
 _DTYPES = tuple(_kernels.CTYPE)
