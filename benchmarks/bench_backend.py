@@ -39,8 +39,9 @@ def gpu_time(fn, repeat=50, warmup=5):
     return float(np.median(times))
 
 
-def setup(batch, context):
-    blocks = batch * (-(-(context + 1) // CACHE_BS)) + 1
+def setup(batch, context, extra_tokens=1):
+    """Impl, cache and allocator holding ``batch`` sequences of ``context`` tokens, room for ``extra_tokens`` more."""
+    blocks = batch * (-(-(context + extra_tokens) // CACHE_BS)) + 1
     impl = BlocksparseFlashAttentionImpl(H, D, 1 / D, HKV, None, None, "auto", PARAMS)
     rng = np.random.default_rng(0)
     cache = cupy.asarray(rng.standard_normal(PagedAttention.get_kv_cache_shape(blocks, CACHE_BS, HKV, D),
@@ -55,7 +56,7 @@ def setup(batch, context):
 
 
 def host_overhead(batch=256, context=2048, steps=200):
-    impl, cache, alloc, builder, handles, q, kv = setup(batch, context + steps)
+    impl, cache, alloc, builder, handles, q, kv = setup(batch, context, steps)
     out = cupy.empty_like(q)
     times_build, times_fwd = [], []
     for i in range(steps):
