@@ -1,13 +1,15 @@
 """Paged KV cache benchmark: write_to_paged_cache and copy_blocks against a device-to-device copy of the same bytes.
 
-Bandwidth = (bytes read + bytes written) / kernel time. The copy baseline is cudaMemcpy D2D moving the same total
-(half read, half written), timed in the same run. Kernel time: CUDA events around 20 back-to-back launches of the
-kernel alone (validated arguments), divided by 20. "API" rows: host wall time per public call including its host
-validation (and device->host reads where documented), synchronised after each call. Write: 64k tokens x 8 kv heads x 128, cache block 16, slots of a
-block-shuffled prefill (each block filled by 16 consecutive tokens, blocks in random order) and fully random slots.
-copy_blocks: 10k (src, dst) pairs of one layer, random disjoint blocks. swap_blocks: 2k blocks to pinned host memory
-and back. Peer: a PyTorch advanced-indexing scatter of the same write (what a pure-PyTorch backend would do).
-Times are medians of CUDA-event-timed runs after warm-up; inputs are several times larger than L2.
+Bandwidth = (bytes read + bytes written) / kernel time; for the write, K and V read from the input (bf16) plus K
+and V written to the cache (bf16 or fp8). The copy baseline is cudaMemcpy D2D moving the same total (half read, half
+written), timed in the same run. Kernel time: CUDA events around 20 back-to-back launches of the kernel alone
+(validated arguments), divided by 20. "API" rows: host wall time per public call including its host validation (and
+device->host reads where documented), synchronised after each call. Write: 64k tokens x 8 kv heads x 128, cache
+block 16; slots of a block-shuffled prefill (each block filled by 16 consecutive tokens, blocks in random order), of
+packed chunked-prefill sequences (random lengths, each starting mid-block) and fully random slots. copy_blocks: 10k
+(src, dst) pairs of one layer, random disjoint blocks. swap_blocks: 2k blocks to pinned host memory and back. Peer: a
+PyTorch advanced-indexing scatter of the same write (what a pure-PyTorch backend would do). Times are medians of
+CUDA-event-timed runs after warm-up; inputs are several times larger than L2.
 
     python benchmarks/bench_cache.py [--no-peers]
 """
@@ -73,12 +75,13 @@ def row(name, ms, moved, copy):
 
 def bench_write(peers: bool):
     rng = np.random.default_rng(0)
-    nb = TOKENS // BS + 64
+    nb = TOKENS // BS + 512  # room for the packed layout's partly used blocks
     key = cupy.asarray(rng.standard_normal((TOKENS, KV_HEADS, HEAD), np.float32).astype(BF16))
     value = cupy.asarray(rng.standard_normal((TOKENS, KV_HEADS, HEAD), np.float32).astype(BF16))
     perm = rng.permutation(nb)[: TOKENS // BS]
     pos = np.arange(TOKENS)
     layouts = {"prefill (block-shuffled)": perm[pos // BS] * BS + pos % BS,
+               "packed chunked prefill": packed_prefill_slots(rng, nb),
                "random slots": rng.permutation(nb * BS)[:TOKENS]}
     elems = TOKENS * KV_HEADS * HEAD
     for kv_dtype in ("auto", "fp8"):
@@ -93,6 +96,13 @@ def bench_write(peers: bool):
             ms = gpu_ms(lambda: _cache_cuda.reshape_and_cache(key, value, kc, vc, s, fp8=kv_dtype == "fp8",
                                                               k_scale=0.5, v_scale=0.5))
             row(f"write {label} {name}", ms, moved, copy)
+        # A decode step's write: few tokens, latency rather than bandwidth (launcher calls back-to-back: this
+        # includes the launcher's host time, which dominates at this size).
+        s = cupy.asarray(layouts["random slots"][:256].astype(np.int64))
+        ms = gpu_ms(lambda: _cache_cuda.reshape_and_cache(key[:256], value[:256], kc, vc, s, fp8=kv_dtype == "fp8",
+                                                          k_scale=0.5, v_scale=0.5))
+        print(f"| write {label} decode batch, 256 tokens (random slots), per launcher call | {ms * 1e3:.1f} us | | | |",
+              flush=True)
         s = cupy.asarray(layouts["prefill (block-shuffled)"].astype(np.int64))
         for check in (False, True):
             ms = api_ms(lambda: kvc.write_to_paged_cache(key, value, kc, vc, s, kv_dtype, 0.5, 0.5,
@@ -101,6 +111,20 @@ def bench_write(peers: bool):
         if peers and kv_dtype == "auto":
             torch_scatter(key, value, kc, vc, s, moved, copy)
         del kv, kc, vc
+
+
+def packed_prefill_slots(rng, num_blocks):
+    """Sequences of 64..2047 new tokens each after a cached context of 0..15 tokens (chunked prefill): each starts
+    mid-block at a random token position, in blocks of its own (shuffled), up to TOKENS tokens in all."""
+    perm, slots, used, b = rng.permutation(num_blocks), [], 0, 0
+    while used < TOKENS:
+        n, ctx = min(int(rng.integers(64, 2048)), TOKENS - used), int(rng.integers(0, BS))
+        p = np.arange(ctx, ctx + n)
+        table = perm[b: b + -(-(ctx + n) // BS)]
+        b += table.size
+        slots.append(table[p // BS] * BS + p % BS)
+        used += n
+    return np.concatenate(slots)
 
 
 def torch_scatter(key, value, kc, vc, slots, moved, copy):

@@ -5,14 +5,15 @@ Callers (cubsattn.kv_cache) validate every argument first; these functions only 
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from . import _kernels
 
-#: tokens per CTA of reshape_and_cache (kTileTokens in kv_cache.cu).
-TILE_TOKENS = 32
-#: largest head_size the write kernel takes (the largest decode supports); its staged tiles use 33 KiB of shared
-#: memory, under the 48 KiB available without opt-in.
+#: tokens per tile of reshape_and_cache (kTileTokens in kv_cache.cu).
+TILE_TOKENS = 16
+#: largest head_size the write kernel takes (the largest decode supports).
 MAX_HEAD_SIZE = 256
 _THREADS = 256
 
@@ -29,15 +30,24 @@ SOURCE = _kernels.register(_kernels.KernelSource(
 ))
 
 
-def _smem_bytes(head_size: int) -> int:
-    key_pitch = (head_size // 8) | 1
-    value_pitch = (head_size // 2) | 1
-    return TILE_TOKENS * (8 + 16 * key_pitch + 4 * value_pitch)
+@functools.cache
+def _resident_ctas(name: str, device_id: int) -> int:
+    """CTAs of kernel ``name`` resident on the whole device at once (the persistent grid size)."""
+    from cupy.cuda import driver
+
+    kernel = _kernels.get_function(SOURCE.filename, name)
+    per_sm = driver.occupancyMaxActiveBlocksPerMultiprocessor(kernel.kernel.ptr, _THREADS, 0)
+    return max(1, per_sm) * _kernels.num_sms()
 
 
 def reshape_and_cache(key, value, key_cache, value_cache, slot_mapping, *, fp8: bool, k_scale: float,
                       v_scale: float) -> None:
-    """Scatter ``key``/``value`` ``[T, H, D]`` (token-strided) into the caches; slots < 0 or out of range skipped."""
+    """Scatter ``key``/``value`` ``[T, H, D]`` (token-strided) into the caches; slots < 0 or out of range skipped.
+
+    Needs ``num_blocks * block_size < 2**31`` and 16-byte aligned caches (checked by the caller).
+    """
+    import cupy
+
     num_tokens, num_heads, head_size = key.shape
     if num_tokens == 0:
         return
@@ -47,13 +57,26 @@ def reshape_and_cache(key, value, key_cache, value_cache, slot_mapping, *, fp8: 
     aligned = all(p % 16 == 0 for p in (key.data.ptr, value.data.ptr, key.strides[0], value.strides[0]))
     block_size = value_cache.shape[3]
     num_slots = value_cache.shape[0] * block_size
-    kernel = _kernels.get_function(SOURCE.filename, _write_name(key.dtype, fp8, slot_mapping.dtype))
-    grid = (-(-num_tokens // TILE_TOKENS), num_heads)
-    kernel(grid, (_THREADS,),
+    # Whole 8-slot value row segments are single 16-byte (fp8: 8-byte) stores when they are aligned.
+    vector_rows = block_size % 8 == 0 and value_cache.data.ptr % (8 * value_cache.itemsize) == 0
+    name = _write_name(key.dtype, fp8, slot_mapping.dtype)
+    kernel = _kernels.get_function(SOURCE.filename, name)
+    tiles = -(-num_tokens // TILE_TOKENS)
+    resident = _resident_ctas(name, cupy.cuda.Device().id)
+    # Too few tiles to fill the GPU (decode batches): split each tile's chunks into `parts` ranges, down to 16 key
+    # chunks (one round of 256 threads for two halves) per part.
+    key_chunks = num_heads * head_size // (16 if fp8 else 8)
+    parts = 1
+    while tiles * parts < resident and key_chunks % (2 * parts) == 0 and key_chunks // (2 * parts) >= 16:
+        parts *= 2
+    grid = min(tiles * parts, resident)
+    # fp8 divides by the scale through a multiply by RN(1 / scale) plus an fma correction (see kv_cache.cu).
+    k_scale, v_scale = np.float32(k_scale), np.float32(v_scale)
+    kernel((grid,), (_THREADS,),
            (key, value, key_cache, value_cache, slot_mapping, np.int64(key_stride), np.int64(value_stride),
             np.int32(num_tokens), np.int32(num_heads), np.int32(head_size), np.int32(block_size),
-            np.int64(num_slots), np.float32(k_scale), np.float32(v_scale), np.int32(aligned)),
-           shared_mem=_smem_bytes(head_size))
+            np.int32(num_slots), k_scale, np.float32(1) / k_scale, v_scale, np.float32(1) / v_scale,
+            np.int32(aligned), np.int32(vector_rows), np.int32(parts)))
 
 
 def copy_blocks(kv_caches, pairs: np.ndarray) -> None:

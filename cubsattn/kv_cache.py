@@ -30,6 +30,7 @@ Example
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 
@@ -62,6 +63,8 @@ _FP8_DTYPE = np.dtype(ml_dtypes.float8_e4m3fn)
 _UINT8 = np.dtype(np.uint8)
 # E4M3 code -> float32, indexed by the uint8 code (a table works for NumPy and CuPy alike).
 _FP8_TABLE = np.arange(256, dtype=np.uint8).view(_FP8_DTYPE).astype(np.float32)
+# fp8 scales are limited to [2^-64, 2^64]: within it the CUDA write's division-free x / scale is exact (kv_cache.cu).
+_SCALE_MIN, _SCALE_MAX = 2.0**-64, 2.0**64
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -171,6 +174,8 @@ def _scale(name: str, value) -> float:
     value = float(value)
     if not (math.isfinite(value) and value > 0):
         raise ValueError(f"{name} must be finite and > 0, got {value}")
+    if not _SCALE_MIN <= value <= _SCALE_MAX:
+        raise ValueError(f"{name} must be in [2**-64, 2**64], got {value}")
     return value
 
 
@@ -192,7 +197,8 @@ def write_to_paged_cache(key, value, key_cache, value_cache, slot_mapping, kv_ca
     slot_mapping : int32 or int64 ``[num_tokens]``; token ``t`` goes to block ``slot // block_size``, offset
         ``slot % block_size``. Negative slots are padding: skipped, nothing written.
     kv_cache_dtype : "auto", "fp8" or "fp8_e4m3".
-    k_scale, v_scale : float > 0; fp8 stores ``saturate(x / scale)``. Ignored for "auto".
+    k_scale, v_scale : float in [2**-64, 2**64] (float or one-element array); fp8 stores ``saturate(x / scale)``.
+        Ignored for "auto".
     check_slots : bool, keyword-only
         Raise ValueError when a slot is >= ``num_blocks * block_size``. For CuPy input this reads the maximum slot
         back to the host (one device->host synchronisation). Pass False inside CUDA-graph capture when the caller
@@ -252,6 +258,10 @@ def write_to_paged_cache(key, value, key_cache, value_cache, slot_mapping, kv_ca
     if head_size > _cache_cuda.MAX_HEAD_SIZE:
         raise NotImplementedError(f"head_size ({head_size}) > {_cache_cuda.MAX_HEAD_SIZE} is not supported by the "
                                   f"CUDA cache write")
+    if num_slots >= 2**31:
+        raise NotImplementedError(f"the CUDA cache write indexes slots with int32; the cache has {num_slots} slots")
+    if key_cache.data.ptr % 16:
+        raise ValueError("key_cache must be 16-byte aligned (its chunks are written as 16-byte vectors)")
     _cache_cuda.reshape_and_cache(key, value, key_cache, value_cache, slot_mapping, fp8=fp8, k_scale=k_scale,
                                   v_scale=v_scale)
 
@@ -431,25 +441,27 @@ def empty_host_cache(shape, dtype, *, pinned: bool = True) -> np.ndarray:
 
 def gather_kv(key_cache, value_cache, block_table_row, seq_len: int, *, kv_cache_dtype: str = "auto",
               k_scale: float = 1.0, v_scale: float = 1.0):
-    """One sequence's keys and values read back out of NumPy caches, as float32.
+    """One sequence's keys and values read back out of the caches, as float32 on the caches' side (NumPy or CuPy).
 
     Parameters
     ----------
-    key_cache : NumPy ``[num_blocks, num_kv_heads, head_size // x, block_size, x]``
-    value_cache : NumPy ``[num_blocks, num_kv_heads, head_size, block_size]``
-    block_table_row : integer ``[>= ceil(seq_len / block_size)]``: the sequence's block ids in order.
+    key_cache : ``[num_blocks, num_kv_heads, head_size // x, block_size, x]``, NumPy or CuPy
+    value_cache : ``[num_blocks, num_kv_heads, head_size, block_size]``, same array module
+    block_table_row : integer ``[>= ceil(seq_len / block_size)]``, same array module: the sequence's block ids in
+        order (a CuPy row is read back to the host to check the ids: one synchronisation).
     seq_len : int >= 0, number of tokens to read (positions ``0 .. seq_len - 1``).
     kv_cache_dtype, k_scale, v_scale : as for :func:`write_to_paged_cache`; fp8 codes are decoded and multiplied by
         the scale in float32 (the kernels then round to the model dtype).
 
     Returns
     -------
-    k, v : float32 ``[seq_len, num_kv_heads, head_size]``
+    k, v : float32 ``[seq_len, num_kv_heads, head_size]``, NumPy or CuPy like the inputs (CuPy: on their device)
     """
     for name, a in (("key_cache", key_cache), ("value_cache", value_cache), ("block_table_row", block_table_row)):
-        if not isinstance(a, np.ndarray):
+        if not (isinstance(a, np.ndarray) or type(a).__module__.startswith("cupy")):
             raise TypeError(f"gather_kv takes NumPy arrays; {name} is {type(a).__module__}.{type(a).__name__} "
-                            f"(use .get() first)")
+                            f"(CuPy arrays work too, all on one side)")
+    xp = array_module(key_cache, value_cache, block_table_row)
     fp8 = _is_fp8(kv_cache_dtype)
     check_array("key_cache", key_cache, ndim=5, dtypes=(_UINT8,) if fp8 else ATTENTION_DTYPES)
     num_blocks, heads, _, block_size, x = key_cache.shape
@@ -461,12 +473,19 @@ def gather_kv(key_cache, value_cache, block_table_row, seq_len: int, *, kv_cache
     if block_table_row.shape[0] < used:
         raise ValueError(f"block_table_row has {block_table_row.shape[0]} entries, but seq_len {seq_len} needs "
                          f"{used} blocks of {block_size}")
-    ids = block_table_row[:used].astype(np.int64)
+    ids = to_host(block_table_row[:used]).astype(np.int64)
     _check_ids("block_table_row", ids, num_blocks, "cache")
-    # [used, H, D/x, bs, x] -> [used, bs, H, D/x, x] and [used, H, D, bs] -> [used, bs, H, D]
-    k = key_cache[ids].transpose(0, 3, 1, 2, 4).reshape(used * block_size, heads, head_size)[:seq_len]
-    v = value_cache[ids].transpose(0, 3, 1, 2).reshape(used * block_size, heads, head_size)[:seq_len]
-    if fp8:
-        scales = _scale("k_scale", k_scale), _scale("v_scale", v_scale)
-        return fp8_e4m3_to_float(k) * np.float32(scales[0]), fp8_e4m3_to_float(v) * np.float32(scales[1])
-    return k.astype(np.float32), v.astype(np.float32)
+    with _device_of(key_cache):
+        ids = xp.asarray(ids)
+        # [used, H, D/x, bs, x] -> [used, bs, H, D/x, x] and [used, H, D, bs] -> [used, bs, H, D]
+        k = key_cache[ids].transpose(0, 3, 1, 2, 4).reshape(used * block_size, heads, head_size)[:seq_len]
+        v = value_cache[ids].transpose(0, 3, 1, 2).reshape(used * block_size, heads, head_size)[:seq_len]
+        if fp8:
+            scales = np.float32(_scale("k_scale", k_scale)), np.float32(_scale("v_scale", v_scale))
+            return fp8_e4m3_to_float(k) * scales[0], fp8_e4m3_to_float(v) * scales[1]
+        return k.astype(np.float32), v.astype(np.float32)
+
+
+def _device_of(a):
+    """Context making ``a``'s device current (CuPy), or a no-op (NumPy)."""
+    return a.device if not isinstance(a, np.ndarray) else contextlib.nullcontext()

@@ -1,44 +1,72 @@
 // Paged KV cache kernels with vLLM's layout: reshape_and_cache (scatter new tokens' K/V into their slots, optionally
 // quantising to fp8 E4M3) and copy_blocks (whole-block copies for every layer in one launch).
 // key_cache [num_blocks, H, D/x, block_size, x] and value_cache [num_blocks, H, D, block_size], x = 16 bytes / elem.
-// reshape_and_cache: one CTA per (tile of kTileTokens tokens, kv head), staged through shared memory so that lanes
-// map to tokens on the write side. copy_blocks: one CTA per (pair, layer * 2 + {key, value}).
+// reshape_and_cache: persistent CTAs walk tiles of 16 tokens x all heads, no shared memory; keys go from registers
+// straight to their 16-byte chunks, values are transposed in registers and stored as whole 8-slot row pieces.
+// copy_blocks: one CTA per (pair, layer * 2 + {key, value}).
 #include <cuda_fp8.h>
 
 #include "common.cuh"
 
 namespace cubsattn {
 
-constexpr int kTileTokens = 32;    // tokens per CTA: one per lane on the write side
+constexpr int kTileTokens = 16;  // tokens per tile (lanes 1..16 of every warp hold their slots)
 constexpr int kCacheThreads = 256;
-constexpr int kLoadUnroll = 4;     // 16-byte loads per thread and tensor issued before their shared stores
+constexpr int kSegment = 16;     // slots per group segment: a 32-byte bf16/fp16 value row sector
+constexpr int kHalf = 8;         // slots per value store: 16 bytes of bf16/fp16, 8 bytes of fp8
+constexpr unsigned kFullMask = 0xffffffffu;
 
 // ---------------------------------------------------------------------------------------------------------------
-// Conversion of two staged elements (one 32-bit word of T) into the cache element type.
+// Register helpers. A uint4 holds 8 consecutive elements of T (a "chunk"): element i in the low (i even) or high
+// (i odd) half of word i / 2.
 
-template <typename T> __device__ __forceinline__ float bits_to_float(unsigned int bits);
-template <> __device__ __forceinline__ float bits_to_float<__half>(unsigned int bits) {
-  return __half2float(__ushort_as_half((unsigned short)bits));
-}
-template <> __device__ __forceinline__ float bits_to_float<__nv_bfloat16>(unsigned int bits) {
-  return __bfloat162float(__ushort_as_bfloat16((unsigned short)bits));
+__device__ __forceinline__ unsigned int word(const uint4& v, int i) {
+  return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
 }
 
-// A pair of cache elements packed little-endian: element d in the low half, d + 1 in the high half.
-template <typename T, bool kFp8> struct CachePair;
-template <typename T> struct CachePair<T, false> {
-  using type = unsigned int;
-  static __device__ __forceinline__ unsigned int convert(unsigned int w, float) { return w; }
-};
-template <typename T> struct CachePair<T, true> {
-  using type = unsigned short;
-  // saturate(x / scale), round to nearest even; NaN stays NaN. __fdiv_rn keeps the division IEEE under any flags.
-  static __device__ __forceinline__ unsigned short convert(unsigned int w, float scale) {
-    const float2 f = make_float2(__fdiv_rn(bits_to_float<T>(w & 0xffffu), scale),
-                                 __fdiv_rn(bits_to_float<T>(w >> 16), scale));
-    return (unsigned short)__nv_cvt_float2_to_fp8x2(f, __NV_SATFINITE, __NV_E4M3);
-  }
-};
+template <typename T> __device__ __forceinline__ float half_to_float(unsigned int bits16);
+template <> __device__ __forceinline__ float half_to_float<__half>(unsigned int bits16) {
+  return __half2float(__ushort_as_half((unsigned short)bits16));
+}
+template <> __device__ __forceinline__ float half_to_float<__nv_bfloat16>(unsigned int bits16) {
+  return __uint_as_float(bits16 << 16);
+}
+
+// Element i of a chunk as float.
+template <typename T> __device__ __forceinline__ float element(const uint4& v, int i) {
+  return half_to_float<T>((word(v, i / 2) >> (16 * (i & 1))) & 0xffffu);
+}
+
+// A chunk at p: one 16-byte load, or (row start or token stride not 16-byte aligned) eight 2-byte loads.
+template <typename T> __device__ __forceinline__ uint4 load_chunk(const T* p, bool vector_loads) {
+  if (vector_loads) return *reinterpret_cast<const uint4*>(p);
+  const unsigned short* e = reinterpret_cast<const unsigned short*>(p);
+  return make_uint4(e[0] | ((unsigned int)e[1] << 16), e[2] | ((unsigned int)e[3] << 16),
+                    e[4] | ((unsigned int)e[5] << 16), e[6] | ((unsigned int)e[7] << 16));
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// fp8 E4M3 quantisation: code of saturate(RN_fp32(x / scale)), round to nearest even, NaN -> NaN.
+//
+// x / scale without a division: q0 = x * inv (inv = RN(1 / scale), from the host) is within 1.5 ulp, and one fma
+// residual step corrects it. For 16-bit x (at most 11 significant bits) this equals IEEE x / scale bit for bit:
+// checked exhaustively on the host for every fp16/bf16 significand of x times every fp32 significand of scale (all
+// steps are exact power-of-two rescalings of that case while |x / scale| >= 2^-11 and 2^-64 <= scale <= 2^64, the
+// range the host enforces, since every intermediate is then normal). Smaller quotients stay below 2^-10 with their
+// sign (code +-0, as for the true quotient), and when x * inv overflows (|x / scale| far above 448, or x = +-inf) q0
+// itself is returned and saturates. rem uses -x so that x = -0 gives -0. Cost: 3 FP32 ops, against __fdiv_rn's
+// MUFU reciprocal + refinement + slow-path check, which made this kernel compute-bound (0.45x copy bandwidth).
+__device__ __forceinline__ float div_by_scale(float x, float scale, float inv) {
+  const float q0 = __fmul_rn(x, inv);
+  const float rem = __fmaf_rn(scale, q0, -x);
+  const float q1 = __fmaf_rn(-rem, inv, q0);
+  return fabsf(q0) == __int_as_float(0x7f800000) ? q0 : q1;
+}
+
+__device__ __forceinline__ unsigned int fp8x2(float a, float b, float scale, float inv) {
+  return __nv_cvt_float2_to_fp8x2(make_float2(div_by_scale(a, scale, inv), div_by_scale(b, scale, inv)),
+                                  __NV_SATFINITE, __NV_E4M3);
+}
 
 // ---------------------------------------------------------------------------------------------------------------
 // reshape_and_cache
@@ -46,110 +74,177 @@ template <typename T> struct CachePair<T, true> {
 template <bool kFp8> struct CacheBits { using type = unsigned short; };
 template <> struct CacheBits<true> { using type = unsigned char; };
 
-// Shared memory: slots [kTileTokens] (int64), key tile [kTileTokens][key_pitch] uint4, value tile
-// [kTileTokens][value_pitch] uint32. Both pitches are odd (in 16-byte / 4-byte units) so that 8 (resp. 32) lanes
-// reading one column of consecutive rows hit distinct banks.
+//
+// A tile is tokens t0 .. t0 + 15. Lane l of every warp holds the slot of token t0 - 1 + l (t0 - 1 .. t0 + 30), from
+// which each warp derives the same picture of the tile without shared memory:
+// - a token "continues" the previous one when its slot is the next slot of the same cache block and of the same
+//   aligned 16-slot segment; a "group" is a leader (a valid token that does not continue) plus its continuations:
+//   at most 16 tokens with consecutive slots inside one 16-slot segment of one block. Leaders in lanes 1..16 (the
+//   tile's tokens) own their group, which may extend into the next tile's tokens. So one CTA writes all of a
+//   segment's tokens (a 32-byte bf16 value row sector when block_size = 16), however sequences align with tiles.
+// - keys: item (token, chunk of x cache elements), lanes = 16 tokens x 2 chunks, so each warp store covers two
+//   rows of 16 consecutive slots (coalesced whenever slots are consecutive), each load a 32-byte sector per token.
+// - values: item (half of a group's segment, chunk of 8 d), over the non-empty halves only: the thread loads the
+//   tokens' chunks in that half (<= 8 loads; lanes across chunks, coalesced) and writes 8 rows (h, d) x those slots.
+//   A full half (8 slots, 8-aligned) is one 16-byte (fp8: 8-byte) store per row, and the two halves of a segment sit
+//   in adjacent lanes, so each warp store fills whole 32-byte row sectors. Partial halves (sequence starts and ends,
+//   single decode tokens) store element by element.
+// Padding (slot < 0) and out-of-range slots are in no group and have no key store: nothing is written for them.
+// A work unit is (tile, part): the chunks are split into `parts` equal ranges (the host picks parts > 1 only when
+// there are too few tiles to fill the GPU, e.g. decode batches). Persistent CTAs walk the units; the next unit's
+// slots are loaded before this unit's work, so their latency is hidden.
 template <typename T, bool kFp8, typename SlotT>
-__global__ void __launch_bounds__(kCacheThreads) reshape_and_cache(
+__global__ void __launch_bounds__(kCacheThreads, 2) reshape_and_cache(
     const T* __restrict__ key,              // [num_tokens, H, D], token stride key_stride elements
     const T* __restrict__ value,            // [num_tokens, H, D], token stride value_stride elements
     uint4* __restrict__ key_cache,          // [num_blocks, H, D/x, block_size] chunks of x elements (16 bytes)
-    void* __restrict__ value_cache,          // [num_blocks, H, D, block_size] cache elements
+    void* __restrict__ value_cache,         // [num_blocks, H, D, block_size] cache elements
     const SlotT* __restrict__ slot_mapping, // [num_tokens]; < 0 or >= num_slots: skipped
     long long key_stride, long long value_stride, int num_tokens, int num_heads, int head_size, int block_size,
-    long long num_slots, float k_scale, float v_scale, int vector_loads) {
-  using Bits = typename CacheBits<kFp8>::type;      // raw cache element: 1 byte (fp8) or 2 bytes
-  constexpr int kX = 16 / (int)sizeof(Bits);        // cache elements per key chunk
+    int num_slots, float k_scale, float k_inv, float v_scale, float v_inv, int vector_loads, int vector_rows,
+    int parts) {
+  // Cache element: 1 byte (fp8) or 2; key chunk = x cache elements = kKLoads input chunks of 8.
+  using Bits = typename CacheBits<kFp8>::type;
+  constexpr int kKLoads = kFp8 ? 2 : 1;
+  constexpr int kKItems = 8 / kKLoads;  // key items per thread and round: 8 input chunks, as for the values
 
-  extern __shared__ uint4 smem[];
-  long long* s_slot = reinterpret_cast<long long*>(smem);
-  const int vecs_per_row = head_size / 8;  // uint4 of T per (token, head)
-  const int key_pitch = vecs_per_row | 1;
-  const int value_pitch = (head_size / 2) | 1;
-  uint4* s_key = smem + kTileTokens * sizeof(long long) / sizeof(uint4);
-  unsigned int* s_value = reinterpret_cast<unsigned int*>(s_key + kTileTokens * key_pitch);
+  const int lane = threadIdx.x & 31;
+  const int num_units = (num_tokens + kTileTokens - 1) / kTileTokens * parts;
+  const int in_chunks = num_heads * head_size / 8;     // 8-element input chunks per token (all heads)
+  const int key_chunks = in_chunks / kKLoads;          // 16-byte key cache chunks per token
+  const int part_chunks = in_chunks / parts;           // input chunks of one unit (parts divides key_chunks)
+  const int part_key_chunks = key_chunks / parts;
+  const long long key_block = (long long)key_chunks * block_size;               // in 16-byte chunks
+  const long long value_block = (long long)num_heads * head_size * block_size;  // in cache elements
 
-  const int tile = blockIdx.x * kTileTokens;
-  const int head = blockIdx.y;
-  const int tid = threadIdx.x;
-  // Slots and K/V are fetched in the same phase (no round trip between them): every token < num_tokens is loaded
-  // whatever its slot, and the write phase skips padding and out-of-range slots.
-  if (tid < kTileTokens) {
-    const int t = tile + tid;
-    const long long slot = t < num_tokens ? (long long)slot_mapping[t] : -1;
-    s_slot[tid] = (slot >= 0 && slot < num_slots) ? slot : -1;
-  }
-  const int rows = min(kTileTokens, num_tokens - tile);
-  const T* key_tile = key + (long long)tile * key_stride + (long long)head * head_size;
-  const T* value_tile = value + (long long)tile * value_stride + (long long)head * head_size;
-  if (vector_loads) {
-    // Coalesced along head_size; kLoadUnroll independent loads per tensor in flight before the shared stores.
-    const int n = rows * vecs_per_row;
-    for (int i0 = tid; i0 < n; i0 += kLoadUnroll * kCacheThreads) {
-      uint4 k[kLoadUnroll], v[kLoadUnroll];
+  auto load_slot = [&](int unit) -> long long {
+    const int t = unit / parts * kTileTokens - 1 + lane;
+    return (t >= 0 && t < num_tokens) ? (long long)slot_mapping[t] : -1;
+  };
+  long long next_slot = blockIdx.x < num_units ? load_slot(blockIdx.x) : -1;
+
+  for (int unit = blockIdx.x; unit < num_units; unit += gridDim.x) {
+    const int t0 = unit / parts * kTileTokens;
+    const int first_chunk = unit % parts * part_chunks;  // of the input; first key chunk = first_chunk / kKLoads
+    const long long raw = next_slot;
+    if (unit + (int)gridDim.x < num_units) next_slot = load_slot(unit + gridDim.x);
+
+    // This lane's token: block (-1 if padding / out of range), offset, continuation, and as a leader: its position
+    // in its 16-slot segment, group length and non-empty halves (bits 2 * (lane - 1) + half of halves_mask).
+    const bool valid = raw >= 0 && raw < num_slots;
+    const int slot = valid ? (int)raw : -1;
+    const int blk = valid ? slot / block_size : -1;
+    const int off = valid ? slot - blk * block_size : 0;
+    const int prev = __shfl_up_sync(kFullMask, slot, 1);
+    const bool cont = valid && lane > 0 && prev == slot - 1 && slot % kSegment != 0 && off != 0;
+    const unsigned cont_mask = __ballot_sync(kFullMask, cont);
+    const bool leads = valid && !cont && lane >= 1 && lane <= kTileTokens;
+    // 1 + the continuing lanes right after this one (bits past lane 31 read as "not continuing").
+    const int run = __ffs(~(cont_mask >> lane) & ~1u) - 1;
+    const int pos = slot % kSegment;
+    const unsigned my_halves = leads ? (unsigned)(pos < kHalf) | ((unsigned)(pos + run > kHalf) << 1) : 0u;
+    unsigned halves_mask = 0;
 #pragma unroll
-      for (int j = 0; j < kLoadUnroll; ++j) {
-        const int i = i0 + j * kCacheThreads, t = i / vecs_per_row, c = i % vecs_per_row;
-        if (i < n) {
-          k[j] = reinterpret_cast<const uint4*>(key_tile + t * key_stride)[c];
-          v[j] = reinterpret_cast<const uint4*>(value_tile + t * value_stride)[c];
+    for (int l = 1; l <= kTileTokens; ++l)
+      halves_mask |= (unsigned)__shfl_sync(kFullMask, my_halves, l) << (2 * (l - 1));
+    const int num_halves = __popc(halves_mask);
+
+    // Keys: this thread's token is t0 + lane % 16 (lane l holds token t0 - 1 + l).
+    const int ktok = lane & (kTileTokens - 1);
+    const int kblk = __shfl_sync(kFullMask, blk, ktok + 1);
+    const int koff = __shfl_sync(kFullMask, off, ktok + 1);
+    const long long kbase = (long long)kblk * key_block + koff;
+    const T* krow = key + (long long)(t0 + ktok) * key_stride + 8 * first_chunk;
+    const bool kload = t0 + ktok < num_tokens;
+
+    const int num_v = num_halves * part_chunks;
+    const int rounds = (max(num_halves, 2) * part_chunks + kCacheThreads - 1) / kCacheThreads;
+    for (int round = 0; round < rounds; ++round) {
+      // Issue every load of the round first (8 key + up to 8 value chunks in flight per thread).
+      uint4 kreg[8], vreg[8];
+#pragma unroll
+      for (int j = 0; j < kKItems; ++j) {
+        const int c = (round * kKItems + j) * (kCacheThreads / kTileTokens) + threadIdx.x / kTileTokens;
+        if (kload && c < part_key_chunks) {
+#pragma unroll
+          for (int q = 0; q < kKLoads; ++q)
+            kreg[j * kKLoads + q] = load_chunk(krow + 8 * (c * kKLoads + q), vector_loads);
         }
       }
+      // Value item u = (half u % num_halves, chunk u / num_halves); the shuffles need every lane.
+      const int u = round * kCacheThreads + threadIdx.x;
+      const int bit = num_halves ? __fns(halves_mask, 0, u % num_halves + 1) : 0;
+      const int lead = bit / 2 + 1, half = bit & 1;
+      const int vblk = __shfl_sync(kFullMask, blk, lead);
+      const int vpos = __shfl_sync(kFullMask, pos, lead);
+      const int vrun = __shfl_sync(kFullMask, run, lead);
+      // Segment positions [p0, p1) of this half hold tokens lead + (p - vpos), slots at offset voff + (p - p0).
+      const int p0 = max(vpos, kHalf * half), p1 = min(vpos + vrun, kHalf * half + kHalf);
+      const int voff = __shfl_sync(kFullMask, off, lead) + p0 - vpos;
+      const int vcount = p1 - p0;
+      const bool vwork = u < num_v;
+      const int vc = first_chunk + (vwork ? u / num_halves : 0);
+      const T* vrow = value + (long long)(t0 - 1 + lead + p0 - vpos) * value_stride + 8 * vc;
 #pragma unroll
-      for (int j = 0; j < kLoadUnroll; ++j) {
-        const int i = i0 + j * kCacheThreads, t = i / vecs_per_row, c = i % vecs_per_row;
-        if (i < n) {
-          s_key[t * key_pitch + c] = k[j];
-          unsigned int* dst = s_value + t * value_pitch + 4 * c;
-          dst[0] = v[j].x;
-          dst[1] = v[j].y;
-          dst[2] = v[j].z;
-          dst[3] = v[j].w;
+      for (int k = 0; k < kHalf; ++k)
+        vreg[k] = (vwork && k < vcount) ? load_chunk(vrow + k * value_stride, vector_loads) : make_uint4(0, 0, 0, 0);
+
+      // Keys: one 16-byte chunk per item, at chunk c of the token's slot.
+#pragma unroll
+      for (int j = 0; j < kKItems; ++j) {
+        const int c = (round * kKItems + j) * (kCacheThreads / kTileTokens) + threadIdx.x / kTileTokens;
+        if (!(kload && kblk >= 0 && c < part_key_chunks)) continue;
+        uint4 out;
+        if constexpr (kFp8) {
+          const uint4 a = kreg[2 * j], b = kreg[2 * j + 1];
+          unsigned int p[8];
+#pragma unroll
+          for (int w = 0; w < 4; ++w) {
+            p[w] = fp8x2(element<T>(a, 2 * w), element<T>(a, 2 * w + 1), k_scale, k_inv);
+            p[4 + w] = fp8x2(element<T>(b, 2 * w), element<T>(b, 2 * w + 1), k_scale, k_inv);
+          }
+          out = make_uint4(p[0] | (p[1] << 16), p[2] | (p[3] << 16), p[4] | (p[5] << 16), p[6] | (p[7] << 16));
+        } else {
+          out = kreg[j];
+        }
+        key_cache[kbase + (long long)(first_chunk / kKLoads + c) * block_size] = out;
+      }
+
+      // Values: rows d = 8 * vc + j (j < 8) at the half's slots voff .. voff + vcount - 1.
+      if (vwork) {
+        Bits* vcache = reinterpret_cast<Bits*>(value_cache);
+        const long long vbase = (long long)vblk * value_block + (long long)(8 * vc) * block_size + voff;
+        // vector_rows (host): block_size % 8 == 0 and an aligned cache, so a full half's 8 slots are aligned.
+        const bool vector_row = vector_rows && vcount == kHalf;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+          Bits* row = vcache + vbase + (long long)j * block_size;
+          // seg[m]: the pair of tokens (2m, 2m + 1) of element j, packed low-to-high.
+          unsigned int seg[4];
+#pragma unroll
+          for (int m = 0; m < 4; ++m) {
+            if constexpr (kFp8) {
+              seg[m] = fp8x2(element<T>(vreg[2 * m], j), element<T>(vreg[2 * m + 1], j), v_scale, v_inv);
+            } else {
+              seg[m] = __byte_perm(word(vreg[2 * m], j / 2), word(vreg[2 * m + 1], j / 2),
+                                   (j & 1) ? 0x7632 : 0x5410);
+            }
+          }
+          if (vector_row) {
+            if constexpr (kFp8) {
+              *reinterpret_cast<uint2*>(row) = make_uint2(seg[0] | (seg[1] << 16), seg[2] | (seg[3] << 16));
+            } else {
+              *reinterpret_cast<uint4*>(row) = make_uint4(seg[0], seg[1], seg[2], seg[3]);
+            }
+          } else {
+            constexpr int kBits = 8 * (int)sizeof(Bits);
+#pragma unroll
+            for (int k = 0; k < kHalf; ++k)
+              if (k < vcount) row[k] = (Bits)(seg[k / 2] >> (kBits * (k & 1)));
+          }
         }
       }
     }
-  } else {  // token stride or base not 16-byte aligned: element loads, same staging layout
-    for (int i = tid; i < rows * head_size; i += kCacheThreads) {
-      const int t = i / head_size, d = i % head_size;
-      reinterpret_cast<T*>(s_key + t * key_pitch)[d] = key_tile[t * key_stride + d];
-      reinterpret_cast<T*>(s_value + t * value_pitch)[d] = value_tile[t * value_stride + d];
-    }
-  }
-  __syncthreads();
-
-  // Keys: lanes = consecutive tokens of one chunk, so a warp writes consecutive 16-byte chunks of a block.
-  const int chunks = head_size / kX;
-  for (int i = tid; i < kTileTokens * chunks; i += kCacheThreads) {
-    const int t = i % kTileTokens, c = i / kTileTokens;
-    const long long slot = s_slot[t];
-    if (slot < 0) continue;
-    const long long blk = slot / block_size, off = slot % block_size;
-    uint4 out;
-    if constexpr (kFp8) {
-      const uint4 a = s_key[t * key_pitch + 2 * c], b = s_key[t * key_pitch + 2 * c + 1];
-      using P = CachePair<T, true>;
-      out.x = P::convert(a.x, k_scale) | ((unsigned int)P::convert(a.y, k_scale) << 16);
-      out.y = P::convert(a.z, k_scale) | ((unsigned int)P::convert(a.w, k_scale) << 16);
-      out.z = P::convert(b.x, k_scale) | ((unsigned int)P::convert(b.y, k_scale) << 16);
-      out.w = P::convert(b.z, k_scale) | ((unsigned int)P::convert(b.w, k_scale) << 16);
-    } else {
-      out = s_key[t * key_pitch + c];
-    }
-    key_cache[((blk * num_heads + head) * chunks + c) * block_size + off] = out;
-  }
-
-  // Values: lanes = consecutive tokens of one pair of rows (d, d + 1); tokens in consecutive slots of a block write
-  // consecutive addresses of each row.
-  Bits* vcache = reinterpret_cast<Bits*>(value_cache);
-  for (int i = tid; i < kTileTokens * (head_size / 2); i += kCacheThreads) {
-    const int t = i % kTileTokens, dp = i / kTileTokens;
-    const long long slot = s_slot[t];
-    if (slot < 0) continue;
-    const long long blk = slot / block_size, off = slot % block_size;
-    const auto pair = CachePair<T, kFp8>::convert(s_value[t * value_pitch + dp], v_scale);
-    const long long row = ((blk * num_heads + head) * head_size + 2 * dp) * block_size + off;
-    vcache[row] = (Bits)pair;
-    vcache[row + block_size] = (Bits)(pair >> (8 * sizeof(Bits)));
   }
 }
 

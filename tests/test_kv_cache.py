@@ -323,6 +323,20 @@ def test_write_errors():
         w(key, value, kc, vc, [0, 1, 2, 3])
 
 
+def test_write_fp8_scale_range():
+    """fp8 scales are limited to [2**-64, 2**64] (the CUDA quantiser's exactness range); both ends are accepted."""
+    key, value, _, _, slots = _write_args()
+    kc8, vc8 = _write_args(cache_dtype=np.uint8)[2:4]
+    kvc.write_to_paged_cache(key, value, kc8, vc8, slots, "fp8", 2.0**-64, 2.0**64)
+    np.testing.assert_array_equal(kc8[0, 0, 0, 0], e4m3_reference(key[0, 0, :16], 2.0**-64))  # saturated
+    with pytest.raises(ValueError, match=r"k_scale must be in \[2\*\*-64, 2\*\*64\], got 2.7e-20"):
+        kvc.write_to_paged_cache(key, value, kc8, vc8, slots, "fp8", 2.7e-20, 1.0)
+    with pytest.raises(ValueError, match=r"v_scale must be in \[2\*\*-64, 2\*\*64\], got 1.9e\+19"):
+        kvc.write_to_paged_cache(key, value, kc8, vc8, slots, "fp8", 1.0, 1.9e19)
+    with pytest.raises(ValueError, match=r"k_scale must be in \[2\*\*-64, 2\*\*64\]"):
+        kvc.gather_kv(kc8, vc8, np.array([0]), 1, kv_cache_dtype="fp8", k_scale=1e-30)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # gather_kv
 

@@ -79,6 +79,86 @@ def test_fp8_every_16bit_input(cp, dtype, scale):
     np.testing.assert_array_equal(v[~nan], want[~nan].astype(np.float32))
 
 
+def prefill_slots(rng, seq_lens, block_size, num_blocks, *, contexts):
+    """Packed prefill (chunked: sequence i's first token at position contexts[i] of its own blocks, random block
+    order), with a padding token after every sequence: the layout the write kernel's full 8-slot groups target."""
+    perm = rng.permutation(num_blocks)
+    slots, b = [], 0
+    for n, c in zip(seq_lens, contexts):
+        pos = np.arange(c, c + n)
+        table = perm[b: b + -(-(c + n) // block_size)]
+        b += table.size
+        slots += [table[pos // block_size] * block_size + pos % block_size, [-1]]
+    return np.concatenate(slots).astype(np.int64)
+
+
+# (block_size, seq_lens, contexts): aligned and misaligned starts, sequences shorter than a group, block sizes
+# that are not a multiple of 8 (element stores only).
+PREFILL = [(16, (64, 40, 3, 77), (0, 0, 5, 13)), (8, (33, 16, 50), (4, 0, 1)), (32, (100, 7), (32, 9)),
+           (12, (50, 29), (0, 7))]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("prefill", PREFILL, ids=[f"bs{p[0]}" for p in PREFILL])
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "fp8"])
+def test_write_prefill_runs(cp, rng, dtype, prefill, kv_cache_dtype):
+    bs, seq_lens, contexts = prefill
+    h, d, nb = 3, 64, 64
+    fp8 = kv_cache_dtype == "fp8"
+    slots = prefill_slots(rng, seq_lens, bs, nb, contexts=contexts)
+    t = slots.size
+    key = (rng.standard_normal((t, h, d)) * 3).astype(dtype)
+    value = (rng.standard_normal((t, h, d)) * 3).astype(dtype)
+    kv = poisoned_cache(nb, bs, h, d, np.uint8 if fp8 else dtype)
+    for slot_dtype in (np.int32, np.int64):
+        got = gpu_write(cp, cp.asarray(key), cp.asarray(value), kv, slots.astype(slot_dtype), h, d,
+                        kv_cache_dtype=kv_cache_dtype, k_scale=0.3, v_scale=0.6)
+        want = oracle_write(kv.reshape(2, -1), key, value, slots, block_size=bs, fp8=fp8, k_scale=0.3, v_scale=0.6)
+        np.testing.assert_array_equal(bits(got.reshape(2, -1)), bits(want))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fp8_many_scales_every_16bit_input(cp, rng, dtype):
+    """The division-free quantiser against the NumPy one (IEEE division) over every 16-bit input for random scales
+    across the whole allowed range [2**-64, 2**64], its ends, and significands 1 and 2 - 2**-23."""
+    x = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(dtype).reshape(512, 1, 128)
+    x_d = cp.asarray(x)
+    scales = [2.0**-64, 2.0**64, 2.0**-64 * (2 - 2**-23), 2.0**63 * (2 - 2**-23), 1.0, 1.0 - 2**-24, 3.0]
+    scales += (2.0 ** rng.uniform(-64, 64, 40)).tolist()
+    host = poisoned_cache(32, 16, 1, 128, np.uint8)
+    kc_h, vc_h = kvc.split_kv_cache(host, 1, 128)
+    for k_scale, v_scale in zip(scales, scales[::-1]):
+        got = gpu_write(cp, x_d, x_d, host, np.arange(512), 1, 128, kv_cache_dtype="fp8", k_scale=k_scale,
+                        v_scale=v_scale)
+        kvc.write_to_paged_cache(x, x, kc_h, vc_h, np.arange(512), "fp8", k_scale, v_scale)
+        # NaN inputs give a NaN code; its sign bit is not specified (the GPU's float ops drop it).
+        nan = (host & 0x7F) == 0x7F
+        assert ((got & 0x7F) == 0x7F)[nan].all(), f"k_scale={k_scale!r}, v_scale={v_scale!r}"
+        np.testing.assert_array_equal(got[~nan], host[~nan], err_msg=f"k_scale={k_scale!r}, v_scale={v_scale!r}")
+
+
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "fp8"])
+def test_gather_kv_cupy_equals_numpy(cp, rng, kv_cache_dtype):
+    h, d, bs, nb, seq_len = 2, 64, 16, 10, 37
+    fp8 = kv_cache_dtype == "fp8"
+    kv = rng.standard_normal(kvc.get_kv_cache_shape(nb, bs, h, d)).astype(BF16)
+    if fp8:
+        kv = rng.integers(0, 256, kv.shape).astype(np.uint8)
+    kc, vc = kvc.split_kv_cache(kv, h, d)
+    table = rng.permutation(nb)[:5].astype(np.int32)
+    want = kvc.gather_kv(kc, vc, table, seq_len, kv_cache_dtype=kv_cache_dtype, k_scale=0.5, v_scale=2.0)
+    kc_d, vc_d = kvc.split_kv_cache(cp.asarray(kv), h, d)
+    got = kvc.gather_kv(kc_d, vc_d, cp.asarray(table), seq_len, kv_cache_dtype=kv_cache_dtype, k_scale=0.5,
+                        v_scale=2.0)
+    for g, w in zip(got, want):
+        assert isinstance(g, cp.ndarray) and g.dtype == np.float32 and g.device == kc_d.device
+        np.testing.assert_array_equal(g.get(), w)  # NaN codes: NaN in both (payloads may differ)
+    with pytest.raises(TypeError, match="arguments mix NumPy"):
+        kvc.gather_kv(kc_d, vc_d, table, seq_len, kv_cache_dtype=kv_cache_dtype)
+    with pytest.raises(ValueError, match=r"block_table_row\[1\] cache block id \(10\) is out of range"):
+        kvc.gather_kv(kc_d, vc_d, cp.asarray([0, 10]), 17, kv_cache_dtype=kv_cache_dtype)
+
+
 def test_write_strided_and_misaligned(cp, rng):
     """Fused qkv slices (16-byte aligned rows) and a token stride of h*d + 3 elements (element-load fallback)."""
     t, hq, h, d, bs, nb = 45, 4, 2, 64, 16, 4
