@@ -4,7 +4,9 @@ Phi-3-small per rank (BENCHMARKS.md): 32 q heads, 8 kv heads, head_size 128, bf1
 64, local 16, vert 8, step 1, scale 1/128; physical cache blocks shuffled. Effective bandwidth = the K/V bytes the
 sparse rule must read (per sequence and kv head: the union over its query heads of active cache blocks x block bytes,
 K and V) / time. SDPA: one query token on contiguous [S, H, L, D] K/V of the same sizes; bandwidth = all K/V bytes /
-time. Also: the sparse time with physical blocks in logical order (contig), cubsattn dense (vert_stride 0) on all
+time. Times are per Python call (events around each call, host overhead included); "graph" columns replay the
+same call captured in a CUDA graph (cubsattn and SDPA alike: GPU time only, as a decode step under graph capture
+runs). Also: the sparse time with physical blocks in logical order (contig), cubsattn dense (vert_stride 0) on all
 bytes, fp8 cache on its (halved) needed bytes, and a split sweep.
 Every cache is far larger than L2. Times: median of CUDA-event-timed runs after warm-up. torch only here.
 
@@ -37,6 +39,57 @@ def time_cuda(fn, *, warmup=5, repeat=40):
         stop.record()
         stop.synchronize()
         times.append(cupy.cuda.get_elapsed_time(start, stop))
+    return statistics.median(times)
+
+
+def time_graph(fn, *, repeat=40):
+    """Median milliseconds of one replay of ``fn`` captured in a CUDA graph: GPU time without host overhead."""
+    import cupy
+
+    stream = cupy.cuda.Stream(non_blocking=True)
+    with stream:
+        fn()  # compiles, caches plans and workspaces outside the capture
+        stream.begin_capture()
+        fn()
+        graph = stream.end_capture()
+        for _ in range(3):
+            graph.launch(stream)
+        times = []
+        for _ in range(repeat):
+            start, stop = cupy.cuda.Event(), cupy.cuda.Event()
+            start.record(stream)
+            graph.launch(stream)
+            stop.record(stream)
+            stop.synchronize()
+            times.append(cupy.cuda.get_elapsed_time(start, stop))
+    return statistics.median(times)
+
+
+def time_torch(torch, fn, *, graph, repeat=40):
+    """Median milliseconds of ``fn()`` (or of one replay of it captured in a torch CUDA graph) between events."""
+    if graph:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            fn()
+        call = g.replay
+    else:
+        call = fn
+    for _ in range(5):
+        call()
+    times = []
+    for _ in range(repeat):
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        call()
+        stop.record()
+        stop.synchronize()
+        times.append(start.elapsed_time(stop))
     return statistics.median(times)
 
 
@@ -79,7 +132,7 @@ def run(args):
         except ImportError:
             print("torch not installed: peers skipped")
     print(f"{'config':>8} {'frac':>5} {'splits':>6} {'sparse ms':>9} {'eff TB/s':>8} {'SDPA ms':>8} {'SDPA TB/s':>9} "
-          f"{'ratio':>5} {'contig ms':>9} {'dense ms':>8} {'dense TB/s':>10} {'fp8 ms':>7} {'fp8 TB/s':>8}")
+          f"{'ratio':>5} {'graph ms':>8} {'SDPA gr':>8} {'g ratio':>7} {'contig ms':>9} {'dense ms':>8} {'dense TB/s':>10} {'fp8 ms':>7} {'fp8 TB/s':>8}")
     sweeps = []
     for name in args.configs.split(","):
         num_seqs, ctx = CONFIGS[name]
@@ -105,6 +158,7 @@ def run(args):
         all_bytes = num_seqs * KV_HEADS * ctx * D * 2 * 2
         splits = _decode_cuda.choose_num_splits(num_seqs, KV_HEADS, ctx, CACHE_BS, _kernels.num_sms())
         t_sparse = time_cuda(call(kc, vc))
+        t_graph = time_graph(call(kc, vc))
         # The same with physical blocks in logical order (block table = arange): isolates the cost of scattering.
         common = (cupy.arange(num_blocks, dtype=np.int32).reshape(num_seqs, nblk), seq_lens, ctx)
         t_contig = time_cuda(call(kc, vc))
@@ -123,30 +177,26 @@ def run(args):
         t_fp8 = time_cuda(call(k8, v8, dtype="fp8"))
         del k8, v8
         cupy.get_default_memory_pool().free_all_blocks()
-        t_sdpa = float("nan")
+        t_sdpa = t_sdpa_graph = float("nan")
         if torch is not None:
             g = torch.Generator(device="cuda").manual_seed(0)
             q_t = torch.randn(num_seqs, HEADS, 1, D, device="cuda", dtype=torch.bfloat16, generator=g)
             k_t = torch.randn(num_seqs, KV_HEADS, ctx, D, device="cuda", dtype=torch.bfloat16, generator=g)
             v_t = torch.randn(num_seqs, KV_HEADS, ctx, D, device="cuda", dtype=torch.bfloat16, generator=g)
             sdpa = lambda: F.scaled_dot_product_attention(q_t, k_t, v_t, scale=1 / D, enable_gqa=True)  # noqa: E731
-            for _ in range(5):
-                sdpa()
-            times = []
-            for _ in range(40):
-                start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                sdpa()
-                stop.record()
-                stop.synchronize()
-                times.append(start.elapsed_time(stop))
-            t_sdpa = statistics.median(times)
+            t_sdpa = time_torch(torch, sdpa, graph=False)
+            try:
+                t_sdpa_graph = time_torch(torch, sdpa, graph=True)
+            except RuntimeError as e:  # report, keep the per-call numbers
+                print(f"SDPA graph capture failed: {e}")
             del q_t, k_t, v_t
             torch.cuda.empty_cache()
         eff = need_bytes / t_sparse / 1e9
         sdpa_bw = all_bytes / t_sdpa / 1e9
+        graph_ratio = (need_bytes / t_graph) / (all_bytes / t_sdpa_graph)
         print(f"{name:>8} {need_bytes / all_bytes:5.2f} {splits:6d} {t_sparse:9.3f} {eff:8.2f} {t_sdpa:8.3f} "
-              f"{sdpa_bw:9.2f} {eff / sdpa_bw:5.2f} {t_contig:9.3f} {t_dense:8.3f} {all_bytes / t_dense / 1e9:10.2f} "
+              f"{sdpa_bw:9.2f} {eff / sdpa_bw:5.2f} {t_graph:8.3f} {t_sdpa_graph:8.3f} {graph_ratio:7.2f} "
+              f"{t_contig:9.3f} {t_dense:8.3f} {all_bytes / t_dense / 1e9:10.2f} "
               f"{t_fp8:7.3f} {need_bytes / 2 / t_fp8 / 1e9:8.2f}", flush=True)
         del query, out, block_tables, seq_lens
         cupy.get_default_memory_pool().free_all_blocks()

@@ -19,6 +19,11 @@ CACHE_BLOCK_SIZES = (8, 16, 32)
 MAX_GROUP = 8
 GROUP_WIDTHS = (4, 8)
 THREADS = 128
+#: The bulk-copy kernel: 4 consumer warps + 1 producer warp, on compute capability >= BULK_MIN_CC (it needs sm_90's
+#: cp.async.bulk and mbarrier transaction counts), with BULK_STAGES[head_size] 64-token stages in its ring.
+BULK_THREADS = 160
+BULK_MIN_CC = 90
+BULK_STAGES = {64: 6, 80: 4, 96: 4, 128: 3, 256: 3}
 #: Mirrors decode.cu: tokens per pipeline stage (CUDA-core fp8 kernel / tensor-core kernel) and the longest split (in
 #: cache blocks) one CTA can list.
 STAGE_TOKENS = 32
@@ -33,10 +38,13 @@ MIN_SPLIT_TOKENS = 1024
 
 
 
-def _kernel_name(ctype: str, head_size: int, fp8: bool, group_width: int) -> str:
-    """16-bit caches run the tensor-core kernel; fp8 caches the CUDA-core kernel (padded group width 4 or 8)."""
+def _kernel_name(ctype: str, head_size: int, fp8: bool, group_width: int, bulk: bool) -> str:
+    """16-bit caches run a tensor-core kernel (bulk-copy fed on sm_90, cp.async fed before); fp8 caches the CUDA-core
+    kernel (padded group width 4 or 8)."""
     if fp8:
         return f"cubsattn::decode::paged_decode<{ctype}, unsigned char, {head_size}, {group_width}>"
+    if bulk:
+        return f"cubsattn::decode::paged_decode_bulk<{ctype}, {head_size}, {BULK_STAGES[head_size]}>"
     return f"cubsattn::decode::paged_decode_mma<{ctype}, {head_size}>"
 
 
@@ -48,8 +56,9 @@ def _name_expressions() -> tuple[str, ...]:
     names = []
     for ctype in _kernels.CTYPE.values():
         for d in HEAD_SIZES:
-            names.append(_kernel_name(ctype, d, False, 8))
-            names.extend(_kernel_name(ctype, d, True, g) for g in GROUP_WIDTHS)
+            names.append(_kernel_name(ctype, d, False, 8, False))
+            names.append(_kernel_name(ctype, d, False, 8, True))
+            names.extend(_kernel_name(ctype, d, True, g, False) for g in GROUP_WIDTHS)
         names.append(_combine_name(ctype))
     return tuple(names)
 
@@ -62,10 +71,14 @@ def group_width(group: int) -> int:
     return next(g for g in GROUP_WIDTHS if group <= g)
 
 
-def smem_bytes(head_size: int, fp8: bool, width: int) -> int:
-    """Dynamic shared memory of one CTA: decode.cu's ``Smem<unsigned char, HEAD, GMAX>::kBytes`` (fp8) or
-    ``tc::Shape<HEAD>::kBytes`` (16-bit cache); the kernels trap if given less."""
+def smem_bytes(head_size: int, fp8: bool, width: int, bulk: bool = False) -> int:
+    """Dynamic shared memory of one CTA: decode.cu's ``Smem<unsigned char, HEAD, GMAX>::kBytes`` (fp8),
+    ``bulk::Shape<HEAD, BULK_STAGES[HEAD]>::kBytes`` (bulk-copy kernel) or ``tc::Shape<HEAD>::kBytes`` (16-bit cache,
+    cp.async); the kernels trap if given less."""
     warps = THREADS // 32
+    if bulk:
+        stages = BULK_STAGES[head_size]
+        return stages * 2 * MMA_STAGE_TOKENS * head_size * 2 + 2 * stages * 8 + MAX_SPLIT_BLOCKS * 8 + 8 * 4 + 4 * 8 * 8
     if fp8:
         stage = 2 * STAGE_TOKENS * head_size
         stages = 4 if stage <= 16384 else 3
@@ -99,6 +112,29 @@ def choose_num_splits(num_seqs: int, num_kv_heads: int, context_len: int, block_
 
 
 _WORKSPACES: dict[tuple, tuple] = {}
+_KERNELS: dict[tuple, tuple] = {}
+
+
+def _compute_capability() -> int:
+    """major * 10 + minor of the current device."""
+    import cupy
+
+    return int(cupy.cuda.Device().compute_capability)
+
+
+def _configured_kernel(ctype: str, head_size: int, fp8: bool, width: int, bulk: bool):
+    """``(kernel, dynamic shared memory bytes)``, the kernel's shared-memory limit raised once per device."""
+    import cupy
+
+    key = (cupy.cuda.Device().id, ctype, head_size, fp8, width, bulk)
+    hit = _KERNELS.get(key)
+    if hit is None:
+        kernel = _kernels.get_function(SOURCE.filename, _kernel_name(ctype, head_size, fp8, width, bulk))
+        smem = smem_bytes(head_size, fp8, width, bulk)
+        if kernel.max_dynamic_shared_size_bytes < smem:
+            kernel.max_dynamic_shared_size_bytes = smem
+        hit = _KERNELS[key] = (kernel, smem)
+    return hit
 
 
 def _workspace(num_seqs: int, num_heads: int, num_splits: int, head_size: int):
@@ -124,37 +160,58 @@ def paged_decode(query, key_cache, value_cache, block_tables, seq_lens, out, *, 
     ``context_len`` bounds every sequence (the longest host seq_len, or ``max_seq_len``) and sizes the splits;
     ``out`` is a contiguous ``[S, Hq, D]`` array of the query dtype.
     """
+    import cupy
+
+    if query.shape[0] == 0:
+        return
+    # Everything but the array pointers is looked up in a per-configuration plan: building the split count, the
+    # kernel handle and ~20 NumPy scalars on every call cost more host time than a small decode step takes on the GPU.
+    key = (cupy.cuda.runtime.getDevice(), BULK_MIN_CC, query.shape, query.strides, query.dtype, key_cache.shape, fp8,
+           block_tables.shape, block_tables.strides, max_seq_len, context_len, scale, k_scale, v_scale, tp_rank,
+           local_blocks, vert_stride, sparse_block, sliding_step, num_splits)
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _PLANS[key] = _plan(query, key_cache, block_tables, max_seq_len=max_seq_len, context_len=context_len,
+                                   fp8=fp8, scale=scale, k_scale=k_scale, v_scale=v_scale, tp_rank=tp_rank,
+                                   local_blocks=local_blocks, vert_stride=vert_stride, sparse_block=sparse_block,
+                                   sliding_step=sliding_step, num_splits=num_splits)
+    kernel, grid, block, smem, scalars, workspace, combine = plan
+    part_o, part_ml = workspace if workspace is not None else (out, out)  # one split: the kernel writes `out` only
+    kernel(grid, block, (out, part_o, part_ml, query, key_cache, value_cache, block_tables, seq_lens, *scalars),
+           shared_mem=smem)
+    if combine is not None:
+        fn, cgrid, cargs, csmem = combine
+        fn(cgrid, (THREADS,), (out, part_o, part_ml, *cargs), shared_mem=csmem)
+
+
+_PLANS: dict[tuple, tuple] = {}
+
+
+def _plan(query, key_cache, block_tables, *, max_seq_len, context_len, fp8, scale, k_scale, v_scale, tp_rank,
+          local_blocks, vert_stride, sparse_block, sliding_step, num_splits):
+    """``(kernel, grid, block, shared bytes, scalar arguments, workspace or None, combine launch or None)``."""
     num_seqs, num_heads, head_size = query.shape
-    num_blocks, num_kv_heads = key_cache.shape[:2]
-    block_size = value_cache.shape[3]
+    num_blocks, num_kv_heads, _, block_size = key_cache.shape[:4]
     group = num_heads // num_kv_heads
     width = group_width(group)
-    if num_seqs == 0:
-        return
     if num_splits is None:
         num_splits = choose_num_splits(num_seqs, num_kv_heads, context_len, block_size, _kernels.num_sms())
     chunk_blocks = math.ceil(math.ceil(max(context_len, 1) / block_size) / num_splits)
 
     ctype = _kernels.ctype(query.dtype)
-    kernel = _kernels.get_function(SOURCE.filename, _kernel_name(ctype, head_size, fp8, width))
-    smem = smem_bytes(head_size, fp8, width)
-    if kernel.max_dynamic_shared_size_bytes < smem:
-        kernel.max_dynamic_shared_size_bytes = smem
-    if num_splits > 1:
-        part_o, part_ml = _workspace(num_seqs, num_heads, num_splits, head_size)
-    else:
-        part_o = part_ml = out  # not touched by a single-split launch
+    bulk = not fp8 and _compute_capability() >= BULK_MIN_CC
+    kernel, smem = _configured_kernel(ctype, head_size, fp8, width, bulk)
     item = query.dtype.itemsize
-    kernel((num_splits, num_kv_heads, num_seqs), (THREADS,),
-           (out, part_o, part_ml, query, key_cache, value_cache, block_tables, seq_lens,
-            np.int32(query.strides[0] // item), np.int32(query.strides[1] // item), np.int32(num_blocks),
-            np.int32(block_tables.shape[1]), np.int32(block_tables.strides[0] // 4), np.int32(max_seq_len),
-            np.int32(block_size.bit_length() - 1), np.int32(num_kv_heads), np.int32(group),
-            np.float32(scale * k_scale * math.log2(math.e)), np.float32(v_scale), np.int32(tp_rank),
-            np.int32(local_blocks), np.int32(vert_stride), np.int32(sparse_block), np.int32(sliding_step),
-            np.int32(chunk_blocks)),
-           shared_mem=smem)
+    scalars = (np.int32(query.strides[0] // item), np.int32(query.strides[1] // item), np.int32(num_blocks),
+               np.int32(block_tables.shape[1]), np.int32(block_tables.strides[0] // 4), np.int32(max_seq_len),
+               np.int32(block_size.bit_length() - 1), np.int32(num_kv_heads), np.int32(group),
+               np.float32(scale * k_scale * math.log2(math.e)), np.float32(v_scale), np.int32(tp_rank),
+               np.int32(local_blocks), np.int32(vert_stride), np.int32(sparse_block), np.int32(sliding_step),
+               np.int32(chunk_blocks))
+    workspace = combine = None
     if num_splits > 1:
-        combine = _kernels.get_function(SOURCE.filename, _combine_name(ctype))
-        combine((num_heads, num_seqs), (THREADS,), (out, part_o, part_ml, np.int32(num_splits), np.int32(head_size)),
-                shared_mem=4 * num_splits)
+        workspace = _workspace(num_seqs, num_heads, num_splits, head_size)
+        combine = (_kernels.get_function(SOURCE.filename, _combine_name(ctype)), (num_heads, num_seqs),
+                   (np.int32(num_splits), np.int32(head_size)), 4 * num_splits)
+    return (kernel, (num_splits, num_kv_heads, num_seqs), (BULK_THREADS if bulk else THREADS,), smem, scalars,
+            workspace, combine)

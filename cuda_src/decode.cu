@@ -1,10 +1,11 @@
 // Block-sparse paged attention of one query token per sequence (vLLM decode), GQA-aware, split-KV.
 // query/out [S, Hq, D]; key_cache [num_blocks, Hkv, D/x, BS, x] and value_cache [num_blocks, Hkv, D, BS] (vLLM's
 // layout, x = 16 bytes / element); block_tables int32 [S, max_blocks]; seq_lens int32 [S].
-// Grid (num_splits, Hkv, S) x 128 threads: one CTA computes all Hq/Hkv query heads of one kv head over one split (a
-// range of logical cache blocks), reading each block that any of those heads needs once. paged_decode_mma (tensor
-// cores) serves 16-bit caches, paged_decode (CUDA cores) fp8 caches; paged_decode_combine (grid (Hq, S)) merges the
-// splits' partial outputs when num_splits > 1; with one split a CTA writes `out` directly.
+// Grid (num_splits, Hkv, S) x 128 threads (160 for paged_decode_bulk): one CTA computes all Hq/Hkv query heads of one
+// kv head over one split (a range of logical cache blocks), reading each block that any of those heads needs once.
+// 16-bit caches: paged_decode_bulk (tensor cores fed by bulk copies, sm_90) or paged_decode_mma (tensor cores fed by
+// cp.async, sm_80); fp8 caches: paged_decode (CUDA cores). paged_decode_combine (grid (Hq, S)) merges the splits'
+// partial outputs when num_splits > 1; with one split a CTA writes `out` directly.
 #include "common.cuh"
 #include "layout.cuh"
 
@@ -151,9 +152,10 @@ __device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); 
 // Block list: the logical cache blocks [j0, j1) of one sequence that at least one query head of kv head `kvh`'s group
 // needs, compacted in order into list[] as (physical block id, head mask | valid tokens << 8). The sparse rule is
 // evaluated per cache block at sparse-block granularity (k_sb = j * BS / sparse_block, q_sb = (len - 1) /
-// sparse_block); ids outside [0, num_blocks) are dropped. All threads of the CTA call it; returns the count.
+// sparse_block); ids outside [0, num_blocks) are dropped. All NT threads of the CTA call it (count[] holds NT / 32
+// ints); returns the count.
 
-template <int GMAX>
+template <int GMAX, int NT = kThreads>
 __device__ int build_block_list(int2* list, int* count, const int* __restrict__ table_row, int j0, int j1, int len,
                                 int log2_bs, int num_blocks, int num_heads, int num_kv_heads, int kvh, int group,
                                 int tp_rank, int local_blocks, int vert_stride, int sparse_block, int sliding_step) {
@@ -168,7 +170,7 @@ __device__ int build_block_list(int2* list, int* count, const int* __restrict__ 
   }
   const unsigned all_heads = (1u << group) - 1u;
   int n_act = 0;
-  for (int base = j0; base < j1; base += kThreads) {
+  for (int base = j0; base < j1; base += NT) {
     const int j = base + tid;
     unsigned mask = 0;
     int phys = 0;
@@ -191,7 +193,7 @@ __device__ int build_block_list(int2* list, int* count, const int* __restrict__ 
     __syncthreads();
     int before = n_act, total = 0;
 #pragma unroll
-    for (int w = 0; w < kWarps; ++w) {
+    for (int w = 0; w < NT / 32; ++w) {
       before += w < warp ? count[w] : 0;
       total += count[w];
     }
@@ -573,6 +575,77 @@ __device__ __forceinline__ unsigned pack2<__half>(float lo, float hi) {
   return *reinterpret_cast<const unsigned*>(&v);
 }
 
+// Which of this lane's 4 score slots (tokens 16w + 2t, +1, 16w + 8 + 2t, +1 of a 64-token stage whose cache blocks
+// are list[first ..]) hold a token that query head g = lane / 4 attends to: bit k for slot k.
+__device__ __forceinline__ unsigned valid_bits(const int2* list, int first, int n_act, int warp, int lane,
+                                               int log2_bs) {
+  const int g = lane >> 2, t = lane & 3;
+  unsigned bits = 0;
+#pragma unroll
+  for (int n = 0; n < 2; ++n) {
+    const int tok = 16 * warp + 8 * n + 2 * t;
+    const int e = tok >> log2_bs, tt = tok & ((1 << log2_bs) - 1);
+    const int meta = first + e < n_act ? list[first + e].y : 0;  // absent block: no head, no token
+    const int ntok = meta >> 8;
+    if ((meta >> g) & 1) bits |= ((tt < ntok ? 1u : 0u) | (tt + 1 < ntok ? 2u : 0u)) << (2 * n);
+  }
+  return bits;
+}
+
+// One warp's share of a stage: 16 tokens against the group's query heads (rows g of the A fragments qa0 / qa2).
+// k_lane / v_lane: this lane's ldmatrix row address for k-step 0 / channel tile 0, k_step / v_step: the byte step to
+// the next 16 channels of K / of V. Updates the online-softmax state of row g (m_run in log2 units, l_run = this
+// lane's share of the sum) and O[g][8j + 2t .. + 1] in o[j].
+template <typename T, int HEAD>
+__device__ __forceinline__ void attend16(const unsigned char* k_lane, int k_step, const unsigned char* v_lane,
+                                         int v_step, unsigned valid, const unsigned (&qa0)[HEAD / 16],
+                                         const unsigned (&qa2)[HEAD / 16], float score_mul, float& m_run,
+                                         float& l_run, float (&o)[HEAD / 8][2]) {
+  // S = Q K^T: n-tile 0 = tokens 16w..16w+7, n-tile 1 = 16w+8..16w+15.
+  float s0[2] = {0.0f, 0.0f}, s1[2] = {0.0f, 0.0f};
+#pragma unroll
+  for (int kk = 0; kk < HEAD / 16; ++kk) {
+    unsigned b[4];
+    ldmatrix_x4(b, k_lane + kk * k_step);
+    mma_rows8<T>(s0, qa0[kk], qa2[kk], b[0], b[1]);
+    mma_rows8<T>(s1, qa0[kk], qa2[kk], b[2], b[3]);
+  }
+
+  // Online softmax of row g over the lane's 4 tokens, then across the 4 lanes of the row. Select, not multiply: a
+  // masked token's score may come from garbage (even NaN).
+  float x[4] = {s0[0], s0[1], s1[0], s1[1]};
+#pragma unroll
+  for (int k = 0; k < 4; ++k) x[k] = (valid >> k) & 1 ? x[k] * score_mul : neg_inf();
+  float mx = fmaxf(fmaxf(x[0], x[1]), fmaxf(x[2], x[3]));
+  mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+  mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+  const float m_new = fmaxf(m_run, mx);
+  const float m_use = m_new == neg_inf() ? 0.0f : m_new;
+  const float alpha = exp2f(m_run - m_use);
+  float p[4];
+#pragma unroll
+  for (int k = 0; k < 4; ++k) p[k] = exp2f(x[k] - m_use);
+  l_run = l_run * alpha + (p[0] + p[1]) + (p[2] + p[3]);
+  m_run = m_new;
+  if (__any_sync(0xffffffffu, alpha != 1.0f)) {
+#pragma unroll
+    for (int j = 0; j < HEAD / 8; ++j) {
+      o[j][0] *= alpha;
+      o[j][1] *= alpha;
+    }
+  }
+  const unsigned pa0 = pack2<T>(p[0], p[1]), pa2 = pack2<T>(p[2], p[3]);
+
+  // O += P V: k = the warp's 16 tokens, n = 16 channels per ldmatrix.
+#pragma unroll
+  for (int nn = 0; nn < HEAD / 16; ++nn) {
+    unsigned b[4];
+    ldmatrix_x4(b, v_lane + nn * v_step);
+    mma_rows8<T>(o[2 * nn], pa0, pa2, b[0], b[1]);
+    mma_rows8<T>(o[2 * nn + 1], pa0, pa2, b[2], b[3]);
+  }
+}
+
 }  // namespace tc
 
 template <typename T, int HEAD>
@@ -683,7 +756,6 @@ __global__ void __launch_bounds__(kThreads, 1) paged_decode_mma(
   const int mat = lane >> 3, mrow = lane & 7;
   const int k_lane = ((mat & 1) * tc::kStageTokens + 16 * warp + 8 * (mat >> 1) + mrow) * 16;
   const int v_lane = ((2 * warp + (mat & 1)) * HEAD + 8 * (mat >> 1) + mrow) * 16;
-  const float score_mul = qk_scale_log2;
 
   for (int st = 0; st < n_stages; ++st) {
     cp_async_wait<S::kStages - 2>();
@@ -714,56 +786,9 @@ __global__ void __launch_bounds__(kThreads, 1) paged_decode_mma(
       __syncthreads();
     }
 
-    // S = Q K^T for this warp's 16 tokens: n-tile 0 = tokens 16w..16w+7, n-tile 1 = 16w+8..16w+15.
-    float s0[2] = {0.0f, 0.0f}, s1[2] = {0.0f, 0.0f};
-#pragma unroll
-    for (int kk = 0; kk < HEAD / 16; ++kk) {
-      unsigned b[4];
-      tc::ldmatrix_x4(b, kbuf + k_lane + kk * 2 * tc::kStageTokens * 16);
-      tc::mma_rows8<T>(s0, qa0[kk], qa2[kk], b[0], b[1]);
-      tc::mma_rows8<T>(s1, qa0[kk], qa2[kk], b[2], b[3]);
-    }
-
-    // Online softmax of row g over the lane's 4 tokens, then across the 4 lanes of the row.
-    float x[4] = {s0[0], s0[1], s1[0], s1[1]};
-#pragma unroll
-    for (int n = 0; n < 2; ++n) {
-      const int tok = 16 * warp + 8 * n + 2 * t;
-      const int e = tok >> log2_bs, tt = tok & (bs - 1);
-      const int meta = first + e < n_act ? list_s[first + e].y : 0;
-      const bool head_ok = (meta >> g) & 1;
-      // select, not multiply: a masked token's score may come from garbage (even NaN)
-      x[2 * n] = head_ok && tt < (meta >> 8) ? x[2 * n] * score_mul : neg_inf();
-      x[2 * n + 1] = head_ok && tt + 1 < (meta >> 8) ? x[2 * n + 1] * score_mul : neg_inf();
-    }
-    float mx = fmaxf(fmaxf(x[0], x[1]), fmaxf(x[2], x[3]));
-    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-    const float m_new = fmaxf(m_run, mx);
-    const float m_use = m_new == neg_inf() ? 0.0f : m_new;
-    const float alpha = exp2f(m_run - m_use);
-    float p[4];
-#pragma unroll
-    for (int k = 0; k < 4; ++k) p[k] = exp2f(x[k] - m_use);
-    l_run = l_run * alpha + (p[0] + p[1]) + (p[2] + p[3]);
-    m_run = m_new;
-    if (__any_sync(0xffffffffu, alpha != 1.0f)) {
-#pragma unroll
-      for (int j = 0; j < HEAD / 8; ++j) {
-        o[j][0] *= alpha;
-        o[j][1] *= alpha;
-      }
-    }
-    const unsigned pa0 = tc::pack2<T>(p[0], p[1]), pa2 = tc::pack2<T>(p[2], p[3]);
-
-    // O += P V: k = the warp's 16 tokens (8-token groups 2w, 2w+1), n = 16 channels per ldmatrix.
-#pragma unroll
-    for (int nn = 0; nn < HEAD / 16; ++nn) {
-      unsigned b[4];
-      tc::ldmatrix_x4(b, vbuf + v_lane + nn * 16 * 16);
-      tc::mma_rows8<T>(o[2 * nn], pa0, pa2, b[0], b[1]);
-      tc::mma_rows8<T>(o[2 * nn + 1], pa0, pa2, b[2], b[3]);
-    }
+    tc::attend16<T, HEAD>(kbuf + k_lane, 2 * tc::kStageTokens * 16, vbuf + v_lane, 16 * 16,
+                          tc::valid_bits(list_s, first, n_act, warp, lane, log2_bs), qa0, qa2, qk_scale_log2, m_run,
+                          l_run, o);
   }
 
   // ---- epilogue: merge the 4 warps' (max, sum, O) of each head ----------------------------------------------------
@@ -799,6 +824,257 @@ __global__ void __launch_bounds__(kThreads, 1) paged_decode_mma(
       if (d == 0) part_ml[((size_t)seq * num_heads + h0 + i) * num_splits + split] = make_float2(mx, l);
     }
   }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Hopper (sm_90) kernel for 16-bit caches: the grid, block list, math (tc::attend16) and partial-output contract of
+// paged_decode_mma, fed by a warp-specialised ring of 1-D bulk copies (TMA without a tensor map). In vLLM's layout
+// each (cache block, kv head) slice of K and of V is one contiguous run of HEAD * BS * 2 bytes, so one lane of the
+// producer warp moves it with a single cp.async.bulk that completes on its stage's "full" mbarrier; the four
+// consumer warps wait there and hand the slot back through its "empty" mbarrier. Up to STAGES stages of 64 tokens
+// stay in flight per CTA with no CTA-wide barrier in the loop (paged_decode_mma's cp.async pipeline keeps the four
+// warps in lockstep and every thread issues 16-byte copies). A stage holds the slices back to back: K slice e at
+// e * slice ([HEAD/8][BS][8]), V slice e at kKStageBytes + e * slice ([HEAD][BS]).
+
+namespace bulk {
+
+constexpr int kConsumerWarps = 4;
+constexpr int kThreads = 32 * (kConsumerWarps + 1);  // + the producer warp
+
+template <int HEAD, int STAGES>
+struct Shape {
+  static constexpr int kKStageBytes = tc::kStageTokens * HEAD * 2;
+  static constexpr int kStageBytes = 2 * kKStageBytes;
+  static constexpr int kBarOff = STAGES * kStageBytes;              // uint64 full[STAGES], empty[STAGES]
+  static constexpr int kListOff = kBarOff + 2 * STAGES * 8;         // int2 list[kMaxSplitBlocks]
+  static constexpr int kCountOff = kListOff + kMaxSplitBlocks * 8;  // int count[kThreads / 32] (8 reserved)
+  static constexpr int kMlOff = kCountOff + 8 * 4;                  // float2 ml[kConsumerWarps][8]
+  static constexpr int kBytes = kMlOff + kConsumerWarps * 8 * 8;
+  static_assert(kThreads / 32 <= 8, "count[] reserves 8 ints");
+  static_assert(kConsumerWarps * 8 * HEAD * 4 <= STAGES * kStageBytes, "epilogue scratch must fit the stages");
+};
+
+#if __CUDA_ARCH__ >= 900
+__device__ __forceinline__ void mbar_init(unsigned bar, unsigned count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+
+// Arrive once and add `bytes` to the transaction count the phase waits for.
+__device__ __forceinline__ void mbar_arrive_expect_tx(unsigned bar, unsigned bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+
+__device__ __forceinline__ void mbar_arrive(unsigned bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+
+__device__ __forceinline__ void mbar_wait(unsigned bar, unsigned parity) {
+  unsigned done;
+  do {
+    asm volatile(
+        "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(bar), "r"(parity)
+        : "memory");
+  } while (!done);
+}
+
+// Global -> shared copy of `bytes` (a multiple of 16, both addresses 16-byte aligned), completing on `bar`.
+__device__ __forceinline__ void bulk_load(unsigned dst, const void* src, unsigned bytes, unsigned bar) {
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(dst),
+               "l"(src), "r"(bytes), "r"(bar)
+               : "memory");
+}
+#endif
+
+}  // namespace bulk
+
+// Compiled for sm_80 as a trap: the launcher (cubsattn/_decode_cuda.py) selects it only on compute capability >= 9.0.
+template <typename T, int HEAD, int STAGES>
+__global__ void __launch_bounds__(bulk::kThreads, HEAD <= 128 ? 2 : 1) paged_decode_bulk(
+    T* __restrict__ out,                     // [S, Hq, HEAD], contiguous; written when gridDim.x == 1
+    float* __restrict__ part_o,              // [S, Hq, num_splits, HEAD]: normalised split outputs
+    float2* __restrict__ part_ml,            // [S, Hq, num_splits]: (max score in log2 units, sum of exp2)
+    const T* __restrict__ query,             // [S, Hq, HEAD], strides (q_stride_s, q_stride_h, 1)
+    const T* __restrict__ key_cache,         // [num_blocks, Hkv, HEAD/8, BS, 8]
+    const T* __restrict__ value_cache,       // [num_blocks, Hkv, HEAD, BS]
+    const int* __restrict__ block_tables,    // [S, max_blocks], row stride bt_stride
+    const int* __restrict__ seq_lens,        // [S]
+    int q_stride_s, int q_stride_h, int num_blocks, int max_blocks, int bt_stride, int max_seq_len, int log2_bs,
+    int num_kv_heads, int group, float qk_scale_log2, float v_scale, int tp_rank, int local_blocks, int vert_stride,
+    int sparse_block, int sliding_step, int chunk_blocks) {
+#if __CUDA_ARCH__ >= 900
+  using S = bulk::Shape<HEAD, STAGES>;
+  constexpr int kThreads = bulk::kThreads, kConsumers = bulk::kConsumerWarps;
+  extern __shared__ __align__(16) unsigned char smem[];
+  int2* list_s = reinterpret_cast<int2*>(smem + S::kListOff);
+  int* count_s = reinterpret_cast<int*>(smem + S::kCountOff);
+  float2* ml_s = reinterpret_cast<float2*>(smem + S::kMlOff);
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  {
+    unsigned dyn;  // the host computes the carve-up size separately: a mismatch must fail loudly, not corrupt
+    asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dyn));
+    if (dyn < (unsigned)S::kBytes) __trap();
+  }
+  const int num_splits = gridDim.x;
+  const int split = num_splits - 1 - blockIdx.x;  // the last split (dense local window) is scheduled first
+  const int kvh = blockIdx.y, seq = blockIdx.z;
+  const int bs = 1 << log2_bs;
+  const int num_heads = num_kv_heads * group;
+  const int h0 = kvh * group;
+
+  int len = min(seq_lens[seq], max_seq_len);
+  len = min(len, max_blocks << log2_bs);
+  const int nblk = len > 0 ? ((len - 1) >> log2_bs) + 1 : 0;
+  const int j0 = split * chunk_blocks;
+  const int j1 = min(min(j0 + chunk_blocks, nblk), j0 + kMaxSplitBlocks);
+  if (j0 >= j1) {
+    if (num_splits == 1) {
+      for (int q = tid; q < group * HEAD; q += kThreads)
+        out[((size_t)seq * num_heads + h0) * HEAD + q] = from_float<T>(0.0f);
+    } else if (tid < group) {
+      part_ml[((size_t)seq * num_heads + h0 + tid) * num_splits + split] = make_float2(neg_inf(), 0.0f);
+    }
+    return;
+  }
+
+  const unsigned stage0 = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  const unsigned full0 = stage0 + S::kBarOff, empty0 = full0 + STAGES * 8;
+  if (tid == 0) {
+#pragma unroll
+    for (int s = 0; s < STAGES; ++s) {
+      bulk::mbar_init(full0 + 8 * s, 1);
+      bulk::mbar_init(empty0 + 8 * s, kConsumers);
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  // Its __syncthreads also publish the barrier initialisation.
+  const int n_act = build_block_list<8, kThreads>(list_s, count_s, block_tables + (size_t)seq * bt_stride, j0, j1,
+                                                  len, log2_bs, num_blocks, num_heads, num_kv_heads, kvh, group,
+                                                  tp_rank, local_blocks, vert_stride, sparse_block, sliding_step);
+  const int blocks_per_stage = tc::kStageTokens >> log2_bs;
+  const int n_stages = (n_act + blocks_per_stage - 1) / blocks_per_stage;
+  const int slice = HEAD << log2_bs << 1;  // bytes of one (cache block, kv head) slice of K or of V
+
+  const int g = lane >> 2, t = lane & 3;
+  float m_run = neg_inf(), l_run = 0.0f;  // row g's running max (log2 units) and this lane's share of the sum
+  float o[HEAD / 8][2];                    // O[g][8j + 2t], O[g][8j + 2t + 1]
+#pragma unroll
+  for (int j = 0; j < HEAD / 8; ++j) o[j][0] = o[j][1] = 0.0f;
+
+  if (warp == kConsumers) {
+    // ---- producer: lane 2e moves K slice e of a stage, lane 2e + 1 its V slice ------------------------------------
+    const size_t block_elems = (size_t)HEAD << log2_bs;
+    for (int st = 0; st < n_stages; ++st) {
+      const int slot = st % STAGES;
+      if (st >= STAGES) bulk::mbar_wait(empty0 + 8 * slot, ((st / STAGES) - 1) & 1);
+      const int first = st * blocks_per_stage;
+      const int nb = min(blocks_per_stage, n_act - first);
+      if (lane == 0) bulk::mbar_arrive_expect_tx(full0 + 8 * slot, 2 * nb * slice);
+      __syncwarp();
+      if (lane < 2 * nb) {
+        const int e = lane >> 1, is_v = lane & 1;
+        const size_t blk = (size_t)list_s[first + e].x * num_kv_heads + kvh;
+        bulk::bulk_load(stage0 + slot * S::kStageBytes + is_v * S::kKStageBytes + e * slice,
+                        (is_v ? value_cache : key_cache) + blk * block_elems, slice, full0 + 8 * slot);
+      }
+    }
+  } else {
+    // ---- consumers: warp w takes tokens 16w .. 16w + 15 of every stage --------------------------------------------
+    unsigned qa0[HEAD / 16], qa2[HEAD / 16];  // A fragments of Q (rows g < group; rows 8..15 are zero registers)
+    {
+      const T* qrow = query + (size_t)seq * q_stride_s + (size_t)(h0 + g) * q_stride_h;
+#pragma unroll
+      for (int kk = 0; kk < HEAD / 16; ++kk) {
+        if (g < group) {
+          const int d = 16 * kk + 2 * t;
+          qa0[kk] = tc::pack2<T>(to_float<T>(qrow[d]), to_float<T>(qrow[d + 1]));
+          qa2[kk] = tc::pack2<T>(to_float<T>(qrow[d + 8]), to_float<T>(qrow[d + 9]));
+        } else {
+          qa0[kk] = qa2[kk] = 0u;
+        }
+      }
+    }
+    // ldmatrix rows (lane l supplies row l % 8 of matrix l / 8). K: token 16w + 8 (mat / 2) + row, 16-byte channel
+    // chunk (mat % 2) of the k-step; V: channel 8 (mat / 2) + row of the 16-channel tile, tokens 16w + 8 (mat % 2)..+7.
+    // (V rows sit BS * 2 bytes apart, a 2-way bank conflict for BS 16 that the contiguous bulk copies cannot swizzle.)
+    const int mat = lane >> 3, mrow = lane & 7;
+    const int tk = 16 * warp + 8 * (mat >> 1) + mrow;
+    const int k_lane = (tk >> log2_bs) * slice + (((mat & 1) << log2_bs) + (tk & (bs - 1))) * 16;
+    const int tv = 16 * warp + 8 * (mat & 1);
+    const int v_lane = S::kKStageBytes + (tv >> log2_bs) * slice + ((8 * (mat >> 1) + mrow) * bs + (tv & (bs - 1))) * 2;
+    const int step = 32 << log2_bs;  // K: 2 chunks x BS tokens x 16 bytes; V: 16 channels x BS tokens x 2 bytes
+
+    for (int st = 0; st < n_stages; ++st) {
+      const int slot = st % STAGES;
+      bulk::mbar_wait(full0 + 8 * slot, (st / STAGES) & 1);
+      unsigned char* buf = smem + slot * S::kStageBytes;
+      const int first = st * blocks_per_stage;
+      if (st == n_stages - 1) {
+        // Absent blocks (stale or never-written slot) and a partial block's tail slots (the cache may hold NaN
+        // there): P is 0 for them, but 0 * NaN is NaN inside the MMA, so zero this warp's V entries first.
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int tok0 = 16 * warp + 8 * h, e = tok0 >> log2_bs, tt = tok0 & (bs - 1);
+          const int valid = first + e < n_act ? (list_s[first + e].y >> 8) - tt : 0;
+          if (valid < 8) {
+            for (int d = lane; d < HEAD; d += 32) {
+              unsigned short* v =
+                  reinterpret_cast<unsigned short*>(buf + S::kKStageBytes + e * slice + (d * bs + tt) * 2);
+#pragma unroll
+              for (int k = 0; k < 8; ++k)
+                if (k >= valid) v[k] = 0;
+            }
+          }
+        }
+        __syncwarp();
+      }
+      tc::attend16<T, HEAD>(buf + k_lane, step, buf + v_lane, step,
+                            tc::valid_bits(list_s, first, n_act, warp, lane, log2_bs), qa0, qa2, qk_scale_log2,
+                            m_run, l_run, o);
+      __syncwarp();
+      if (lane == 0) bulk::mbar_arrive(empty0 + 8 * slot);
+    }
+  }
+
+  // ---- epilogue: merge the consumer warps' (max, sum, O) of each head ---------------------------------------------
+  __syncthreads();  // every stage landed and was consumed: the stage buffers become scratch
+  float* o_s = reinterpret_cast<float*>(smem);  // [kConsumers][8 heads][HEAD]
+  if (warp < kConsumers) {
+    l_run += __shfl_xor_sync(0xffffffffu, l_run, 1);
+    l_run += __shfl_xor_sync(0xffffffffu, l_run, 2);
+    if (t == 0) ml_s[warp * 8 + g] = make_float2(m_run, l_run);
+#pragma unroll
+    for (int j = 0; j < HEAD / 8; ++j)
+      *reinterpret_cast<float2*>(o_s + (warp * 8 + g) * HEAD + 8 * j + 2 * t) = make_float2(o[j][0], o[j][1]);
+  }
+  __syncthreads();
+  for (int q = tid; q < group * HEAD; q += kThreads) {
+    const int i = q / HEAD, d = q % HEAD;
+    float mx = neg_inf();
+#pragma unroll
+    for (int w = 0; w < kConsumers; ++w) mx = fmaxf(mx, ml_s[w * 8 + i].x);
+    const float m_use = mx == neg_inf() ? 0.0f : mx;
+    float l = 0.0f, acc = 0.0f;
+#pragma unroll
+    for (int w = 0; w < kConsumers; ++w) {
+      const float2 ml = ml_s[w * 8 + i];
+      const float f = exp2f(ml.x - m_use);  // 0 for a warp that saw no token of this head (its O is 0 too)
+      l = fmaf(ml.y, f, l);
+      acc = fmaf(o_s[(w * 8 + i) * HEAD + d], f, acc);
+    }
+    const float val = l > 0.0f ? acc * (v_scale / l) : 0.0f;
+    if (num_splits == 1) {
+      out[((size_t)seq * num_heads + h0 + i) * HEAD + d] = from_float<T>(val);
+    } else {
+      part_o[(((size_t)seq * num_heads + h0 + i) * num_splits + split) * HEAD + d] = val;
+      if (d == 0) part_ml[((size_t)seq * num_heads + h0 + i) * num_splits + split] = make_float2(mx, l);
+    }
+  }
+#else
+  __trap();
+#endif
 }
 
 // ---------------------------------------------------------------------------------------------------------------

@@ -214,6 +214,16 @@ def test_shared_memory_fits_hopper_and_ampere():
                 assert _decode_cuda.smem_bytes(d, fp8, g) <= 163 * 1024  # A100's opt-in limit is 163 KB
 
 
+def test_bulk_kernel_shared_memory():
+    # sm_90 only: the per-block opt-in limit is 227 KB; head sizes up to 128 keep two CTAs (+1 KB reserved each) on
+    # one SM's 228 KB.
+    for d in _decode_cuda.HEAD_SIZES:
+        smem = _decode_cuda.smem_bytes(d, False, 8, bulk=True)
+        assert smem <= 232448
+        if d <= 128:
+            assert 2 * (smem + 1024) <= 228 * 1024
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Errors
 

@@ -16,6 +16,22 @@ from test_decode import assert_close, make_case, oracle, random_config, run
 pytestmark = pytest.mark.gpu
 
 
+@pytest.fixture(params=["bulk", "mma"])
+def kernel(request, monkeypatch):
+    """The 16-bit-cache kernel under test: bulk-copy fed (sm_90) or cp.async fed (sm_80; forced here by raising the
+    bulk kernel's minimum compute capability). fp8 caches run the CUDA-core kernel either way."""
+    import cupy
+
+    from cubsattn import _decode_cuda
+
+    if request.param == "bulk":
+        if int(cupy.cuda.Device().compute_capability) < _decode_cuda.BULK_MIN_CC:
+            pytest.skip("the bulk-copy kernel needs compute capability >= 9.0")
+    else:
+        monkeypatch.setattr(_decode_cuda, "BULK_MIN_CC", 10**6)
+    return request.param
+
+
 def to_gpu(case, *, host_lens=False):
     import cupy
 
@@ -37,7 +53,7 @@ def run_gpu(case, **kw):
 
 
 @pytest.mark.parametrize("seed", range(60))
-def test_random_configs(seed):
+def test_random_configs(seed, kernel):
     rng = np.random.default_rng(seed)
     case = make_case(rng, **random_config(rng))
     splits = None if seed % 3 else int(rng.integers(2, 7))  # contexts here are short: force splits on a third
@@ -54,7 +70,7 @@ PHI3 = dict(dtype=BF16, head_size=128, num_kv_heads=2, group=4, block_size=16, s
     dict(PHI3, seq_lens=(4100,), block_size=8, fp8=True, k_scale=0.5, v_scale=2.0),
     dict(dtype=FP16, head_size=80, group=3, block_size=32, sparse_block=32, seq_lens=(2000, 700), step=-1),
 ], ids=["phi3", "fp8-bs8", "d80-bs32"])
-def test_split_and_single_agree(kw):
+def test_split_and_single_agree(kw, kernel):
     rng = np.random.default_rng(7)
     case = make_case(rng, **kw)
     gpu = to_gpu(case)
@@ -70,7 +86,7 @@ def test_split_and_single_agree(kw):
         np.testing.assert_allclose(got.astype(np.float64), base.astype(np.float64), rtol=rtol / 2, atol=atol / 2)
 
 
-def test_deterministic():
+def test_deterministic(kernel):
     rng = np.random.default_rng(3)
     case = to_gpu(make_case(rng, **dict(PHI3, seq_lens=(5000, 300))))
     first = run_gpu(case, num_splits=9)
@@ -78,14 +94,14 @@ def test_deterministic():
         np.testing.assert_array_equal(run_gpu(case, num_splits=9), first)
 
 
-def test_long_sequence_128k():
+def test_long_sequence_128k(kernel):
     rng = np.random.default_rng(11)
     case = make_case(rng, **dict(PHI3, head_size=64, num_kv_heads=1, seq_lens=(131072, 1000)))
     got = run_gpu(to_gpu(case))
     assert_close(got, oracle(case), case["query"].dtype)
 
 
-def test_device_inputs_are_clamped():
+def test_device_inputs_are_clamped(kernel):
     # Device seq_lens are never read on the host: values past max_seq_len or the table width are clamped, and
     # block ids outside the cache are ignored, so the kernel never reads outside its inputs.
     import cupy
@@ -105,7 +121,7 @@ def test_device_inputs_are_clamped():
     assert np.isfinite(run_gpu(gpu)).all()
 
 
-def test_cuda_graph_capture():
+def test_cuda_graph_capture(kernel):
     import cupy
 
     rng = np.random.default_rng(9)
@@ -122,6 +138,24 @@ def test_cuda_graph_capture():
         graph.launch()
     stream.synchronize()
     np.testing.assert_array_equal(out.get(), want)
+
+
+def test_repeated_calls_skip_checks_not_values(kernel):
+    # A repeated argument signature launches without re-validating: device values that change between calls (seq_lens,
+    # block tables) are still honoured, and an argument that only compares equal (False == 0) is still checked.
+    import cupy
+
+    rng = np.random.default_rng(13)
+    case = make_case(rng, **dict(PHI3, seq_lens=(2500, 900)))
+    gpu = to_gpu(case)
+    first = run_gpu(gpu)
+    assert_close(first, oracle(case), BF16)
+    np.testing.assert_array_equal(run_gpu(gpu), first)
+    shorter = dict(case, seq_lens=np.array([1200, 900], dtype=np.int32))
+    gpu["seq_lens"][...] = cupy.asarray(shorter["seq_lens"])
+    assert_close(run_gpu(gpu), oracle(shorter), BF16)
+    with pytest.raises(TypeError, match="tp_rank must be an integer"):
+        run(dict(gpu, tp_rank=False))
 
 
 def test_gpu_only_errors():
@@ -142,7 +176,7 @@ def test_gpu_only_errors():
         run(dict(case, query=case["query"].get()))
 
 
-def test_sanitizer_subset():
+def test_sanitizer_subset(kernel):
     """Small, varied cases (sparse/dense, fp8, splits, clamps) for compute-sanitizer memcheck/racecheck."""
     import cupy
 
