@@ -9,7 +9,8 @@ uint8 fp8 cache) the two halves are viewed as
 - value_cache ``[num_blocks, num_kv_heads, head_size, block_size]``: ``value_cache[b, h, d, o]`` is ``V[token][h][d]``.
 
 Every function validates its arguments on the host (``cubsattn._checks`` vocabulary), then runs NumPy code for NumPy
-arrays or the CUDA kernels of ``cuda_src/kv_cache.cu`` for CuPy arrays, with bit-identical results.
+arrays or the CUDA kernels of ``cuda_src/kv_cache.cu`` for CuPy arrays, with bit-identical results (except
+the sign bit of fp8 NaN codes, which the GPU does not keep).
 
 fp8 (``kv_cache_dtype`` "fp8" or "fp8_e4m3"): the cache is uint8 holding E4M3 (the "fn" variant: max 448, no inf,
 NaN = 0x7f/0xff). A value ``x`` is stored as ``saturate(float32(x) / scale)`` rounded to nearest even (NaN stays NaN)
