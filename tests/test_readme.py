@@ -19,7 +19,8 @@ def test_readme_has_examples():
 
 
 #: What each example's comments promise it prints.
-PROMISED = {0: ["1 (0, 32)", "density vs causal at 4096 tokens: 0.50", "head 0"], 1: ["(700, 8, 64) bfloat16"]}
+PROMISED = {0: ["1 (0, 32)", "density vs causal at 4096 tokens: 0.50", "head 0"], 1: ["(700, 8, 64) bfloat16"],
+            2: ["(61, 256) [101 100]"]}
 
 
 @pytest.mark.parametrize("index", range(len(BLOCKS)), ids=[f"block{i}" for i in range(len(BLOCKS))])
