@@ -1,11 +1,15 @@
 """Block-sparse prefill benchmark: cubsattn's CUDA kernel against torch SDPA (dense causal) and FlexAttention.
 
+Columns "cubsattn" = the path ``blocksparse_prefill`` dispatches to; "sm90" = the Hopper wgmma kernel
+(``_prefill_sm90.prefill``) launched directly, on compute capability 9.0 only.
+
 Phi-3-small per rank (BENCHMARKS.md): 32 q heads, 8 kv heads, head_size 128, block 64, local 16, vert 8, step 1,
 scale 1/128. Useful TF/s = layout.flops / time (4 * D * allowed pairs); SDPA's TF/s counts its dense causal pairs.
 Times are medians of CUDA-event-timed runs after warm-up. torch is used only here, with zero-copy DLPack hand-over.
 
     python benchmarks/bench_prefill.py [--dtype bf16|fp16] [--head-size 128] [--configs 4k,16k,64k] [--no-peers]
     python benchmarks/bench_prefill.py --startup      # first-use compile time and cached import + first call
+    python benchmarks/bench_prefill.py --chunked      # paged-K/V chunked prefill vs the contiguous kernel
 """
 
 from __future__ import annotations
@@ -47,7 +51,7 @@ def run(args):
     import cubsattn
     from cubsattn import BlockSparseLayout, BlocksparseParams
 
-    from cubsattn import _prefill_cuda
+    from cubsattn import _prefill_cuda, _prefill_sm90
 
     dtype = cubsattn._checks.BFLOAT16 if args.dtype == "bf16" else np.dtype(np.float16)
     d = args.head_size
@@ -68,7 +72,8 @@ def run(args):
             print("torch not installed: peers skipped")
     scale = 1.0 / d
     header = (f"{'config':>8} {'density':>8} {'cubsattn ms':>12} {'useful TF/s':>12} {'SDPA ms':>9} "
-              f"{'SDPA TF/s':>10} {'ratio':>6} {'Flex ms':>9} {'Flex TF/s':>10}")
+              f"{'SDPA TF/s':>10} {'ratio':>6} {'sm90 ms':>9} {'sm90 TF/s':>10} {'sm90 ratio':>10} {'Flex ms':>9} "
+              f"{'Flex TF/s':>10}")
     print(header)
     for name in args.configs.split(","):
         batch, seqlen = CONFIGS[name]
@@ -84,6 +89,11 @@ def run(args):
         useful = batch * layout.flops(seqlen, d)
         ours_ms = time_cuda(lambda: cubsattn.blocksparse_prefill(q, k, v, cu, cu, layout, sm_scale=scale, out=out))
         ours_tf = useful / ours_ms / 1e9
+        sm90_ms = sm90_tf = float("nan")
+        if _prefill_sm90.supports(q, k, layout):
+            cu_host = cupy.asnumpy(cu).astype(np.int64)
+            sm90_ms = time_cuda(lambda: _prefill_sm90.prefill(q, k, v, cu_host, cu_host, layout, scale, out))
+            sm90_tf = useful / sm90_ms / 1e9
         sdpa_ms = sdpa_tf = flex_ms = flex_tf = float("nan")
         flex_note = ""
         if torch is not None:
@@ -92,7 +102,8 @@ def run(args):
             flex_tf = useful / flex_ms / 1e9 if flex_ms == flex_ms else float("nan")
         density = layout.density(seqlen)
         print(f"{name:>8} {density:8.3f} {ours_ms:12.3f} {ours_tf:12.1f} {sdpa_ms:9.3f} {sdpa_tf:10.1f} "
-              f"{ours_tf / sdpa_tf:6.2f} {flex_ms:9.3f} {flex_tf:10.1f} {flex_note}", flush=True)
+              f"{ours_tf / sdpa_tf:6.2f} {sm90_ms:9.3f} {sm90_tf:10.1f} {sm90_tf / sdpa_tf:10.2f} {flex_ms:9.3f} "
+              f"{flex_tf:10.1f} {flex_note}", flush=True)
         del q, k, v, out
         cupy.get_default_memory_pool().free_all_blocks()
 
@@ -141,6 +152,69 @@ def bench_flex(torch, q, k, v, batch, seqlen, scale):
         return float("nan"), f"(FlexAttention failed: {type(e).__name__}: {str(e).splitlines()[0][:80]})"
 
 
+def run_chunked(args):
+    """Chunked prefill: 4 sequences of CONTEXT cached + NEW new tokens. The paged kernel (cache block 16, shuffled
+    block tables; 16-bit and fp8 caches) against the contiguous kernel on the same packed keys (q_len < k_len)."""
+    import cupy
+
+    import cubsattn
+    from cubsattn import BlockSparseLayout, BlocksparseParams
+    from cubsattn._prefill_cuda import prefill_paged
+
+    batch, context, new, cache_block = 4, 3072, 1024, 16
+    dtype = cubsattn._checks.BFLOAT16 if args.dtype == "bf16" else np.dtype(np.float16)
+    d = args.head_size
+    props = cupy.cuda.runtime.getDeviceProperties(0)
+    print(f"device: {props['name'].decode()}  cupy {cupy.__version__}  dtype {args.dtype}  head_size {d}  "
+          f"heads {HEADS}/{KV_HEADS}  block {BLOCK} local {LOCAL} vert {VERT}  chunked: {batch} x ({context} cached "
+          f"+ {new} new), cache block {cache_block}")
+    layout = BlockSparseLayout.from_params(BlocksparseParams(8192, HEADS, KV_HEADS, BLOCK, LOCAL, VERT))
+    rs = cupy.random.RandomState(0)
+    k_len = context + new
+
+    def normal(*shape):
+        return rs.standard_normal(shape, dtype=np.float32).astype(dtype)
+
+    q = normal(batch * new, HEADS, d)
+    k_all, v_all = normal(batch * k_len, KV_HEADS, d), normal(batch * k_len, KV_HEADS, d)
+    # Host metadata (as the backend has it): no device->host synchronisation inside the timed calls.
+    cu_q = np.arange(batch + 1, dtype=np.int32) * new
+    cu_k = np.arange(batch + 1, dtype=np.int32) * k_len
+    rows = np.concatenate([np.arange(s * k_len + context, (s + 1) * k_len) for s in range(batch)])
+    k_new, v_new = k_all[rows], v_all[rows]
+    used = context // cache_block
+    num_blocks = batch * used
+    tables = np.random.default_rng(0).permutation(num_blocks).reshape(batch, used).astype(np.int32)
+    contexts = np.full((batch,), context, np.int32)
+    out = cupy.empty_like(q)
+    useful = batch * layout.flops(k_len, d, q_len=new)
+    scale = 1.0 / d
+
+    def caches(fp8):
+        x = 16 if fp8 else 8
+        kc = rs.standard_normal((num_blocks, KV_HEADS, d // x, cache_block, x), dtype=np.float32)
+        vc = rs.standard_normal((num_blocks, KV_HEADS, d, cache_block), dtype=np.float32)
+        if fp8:  # E4M3 codes of N(0, 1) values
+            import ml_dtypes
+
+            codes = np.dtype(ml_dtypes.float8_e4m3fn)
+            return (cupy.asarray(kc.get().astype(codes).view(np.uint8)),
+                    cupy.asarray(vc.get().astype(codes).view(np.uint8)))
+        return kc.astype(dtype), vc.astype(dtype)
+
+    print(f"{'kernel':>28} {'ms':>8} {'useful TF/s':>12}")
+    ms = time_cuda(lambda: cubsattn.blocksparse_prefill(q, k_all, v_all, cu_q, cu_k, layout, sm_scale=scale,
+                                                        out=out))
+    print(f"{'contiguous (packed keys)':>28} {ms:8.3f} {useful / ms / 1e9:12.1f}", flush=True)
+    for kind in ("auto", "fp8"):
+        key_cache, value_cache = caches(kind == "fp8")
+        ms = time_cuda(lambda: prefill_paged(q, k_new, v_new, key_cache, value_cache, tables, cu_q, contexts,
+                                             layout, sm_scale=scale, out=out, kv_cache_dtype=kind,
+                                             k_scale=1.0, v_scale=1.0))
+        print(f"{'paged, ' + kind + ' cache':>28} {ms:8.3f} {useful / ms / 1e9:12.1f}", flush=True)
+        del key_cache, value_cache
+
+
 _STARTUP_CHILD = """
 import time
 t0 = time.perf_counter()
@@ -180,9 +254,12 @@ def main():
     p.add_argument("--no-peers", action="store_true", help="skip torch SDPA / FlexAttention")
     p.add_argument("--tile", help="BLOCK_M,WARPS,BLOCK_N: a compiled alternative tile (see _prefill_cuda)")
     p.add_argument("--startup", action="store_true", help="measure compile and cached-start times instead")
+    p.add_argument("--chunked", action="store_true", help="paged chunked prefill vs the contiguous kernel instead")
     args = p.parse_args()
     if args.startup:
         startup()
+    elif args.chunked:
+        run_chunked(args)
     else:
         run(args)
 

@@ -35,7 +35,8 @@ CTYPE = {
 }
 
 #: The op modules that register kernel sources (imported by ``all_sources``).
-_OP_MODULES = ("cubsattn._debug_cuda", "cubsattn._prefill_cuda", "cubsattn._cache_cuda", "cubsattn._decode_cuda")
+_OP_MODULES = ("cubsattn._debug_cuda", "cubsattn._prefill_cuda", "cubsattn._cache_cuda", "cubsattn._decode_cuda",
+               "cubsattn._prefill_sm90")
 
 #: CuPy appends these to every NVRTC compile; the CI compile check adds them too.
 CUPY_IMPLICIT_OPTIONS = ("-ftz=true",)
@@ -118,7 +119,13 @@ def _module(filename: str, device_id: int):
     import cupy
 
     source = _SOURCES[filename]
-    return cupy.RawModule(code=source_text(filename), options=compile_options(source),
+    options = compile_options(source)
+    # CuPy appends -arch=sm_XY of the device and cannot name an arch-specific target (sm_90a: wgmma, setmaxnreg).
+    # Given both, NVRTC builds the sm_XYa superset, so an arch-specific source names its target explicitly.
+    specific = [a for a in source.archs if a.endswith("a")]
+    if specific:
+        options += (f"--gpu-architecture={specific[0]}",)
+    return cupy.RawModule(code=source_text(filename), options=options,
                           name_expressions=list(source.name_expressions))
 
 

@@ -1,0 +1,119 @@
+"""Launcher for cuda_src/prefill_sm90.cu, the Hopper (sm_90a, wgmma) block-sparse prefill kernel.
+
+Same contract as :mod:`cubsattn._prefill_cuda` (the sm_80 kernel), whose tile schedule and stride checks it reuses:
+:func:`supports` says whether this path can run a problem, :func:`prefill` launches it. The caller
+(:func:`cubsattn.blocksparse_prefill`) has validated the arguments and picks this path on compute capability 9.0.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from . import _kernels, _prefill_cuda
+from .layout import BlockSparseLayout
+
+#: Head sizes compiled (multiples of 64: one 128-byte swizzle slab per 64 columns; Q and O stay in registers).
+HEAD_SIZES = (64, 128)
+#: Sparse block sizes (a 128-row query tile spans 2 or 1 CSR rows; 64-key tiles cover a block in 1 or 2 steps).
+BLOCK_SIZES = (64, 128)
+#: K/V ring depth per head size: 4 stages of 64-key K and V tiles = 64 KB (D 64) / 128 KB (D 128) of shared memory.
+STAGES = {64: 4, 128: 4}
+#: Query rows per CTA (two consumer warpgroups of 64) and threads per CTA (plus one producer warpgroup).
+BLOCK_M = 128
+THREADS = 384
+#: The lowest compute capability with wgmma; sm_90a code runs on 9.0 only.
+COMPUTE_CAPABILITY = 90
+
+_DTYPES = tuple(_kernels.CTYPE)
+_SMEM_SET: set = set()
+
+
+def kernel_name(dtype, head_size: int) -> str:
+    """Template instantiation name of the kernel for ``dtype`` / ``head_size``."""
+    return f"blocksparse_prefill_sm90<{_kernels.ctype(dtype)}, {head_size}, {STAGES[head_size]}>"
+
+
+SOURCE = _kernels.register(_kernels.KernelSource(
+    "prefill_sm90.cu", tuple(kernel_name(dt, d) for dt in _DTYPES for d in HEAD_SIZES), archs=("sm_90a",),
+    min_cc=COMPUTE_CAPABILITY))
+
+
+def smem_bytes(head_size: int) -> int:
+    """Dynamic shared memory of one CTA (prefill_sm90.cu ``Layout::ALLOC``): the K/V ring, two mbarriers and
+    one (n0, mask) pair per stage, and 1024 bytes to re-align the window to the swizzle pattern."""
+    stages = STAGES[head_size]
+    return 2 * stages * 64 * head_size * 2 + 2 * stages * 8 + stages * 8 + 1024
+
+
+def supports(q, k, layout: BlockSparseLayout) -> bool:
+    """True when this kernel can run ``q [T_q, H_q, D]`` / ``k [T_k, H_kv, D]`` with ``layout`` on the current
+    device: compute capability 9.0, fp16/bf16, D in :data:`HEAD_SIZES`, block size in :data:`BLOCK_SIZES`, last
+    dims contiguous. (Strides and alignment are then checked by :func:`prefill` with the sm_80 path's rules.)"""
+    import cupy
+
+    if int(cupy.cuda.Device().compute_capability) != COMPUTE_CAPABILITY:
+        return False
+    if q.dtype not in _DTYPES or q.shape[2] not in HEAD_SIZES or layout.block_size not in BLOCK_SIZES:
+        return False
+    return all(a.strides[2] == a.dtype.itemsize for a in (q, k))
+
+
+def prefill(q, k, v, cu_q: np.ndarray, cu_k: np.ndarray, layout: BlockSparseLayout, scale: float, out):
+    """Fill ``out [T_q, H_q, D]`` (CuPy, q's dtype) with block-sparse attention and return it.
+
+    Arguments were validated by :func:`cubsattn.blocksparse_prefill` and accepted by :func:`supports`;
+    ``cu_q`` / ``cu_k`` are host int ``[batch + 1]``, ``scale`` the softmax scale. Raises NotImplementedError for a
+    head or block size this kernel lacks and ValueError for unusable strides, before any launch.
+    """
+    import cupy
+
+    num_q_tokens, num_heads, head_size = q.shape
+    num_kv_heads = k.shape[1]
+    block_size = layout.block_size
+    if head_size not in HEAD_SIZES:
+        raise NotImplementedError(f"head_size {head_size} is not compiled for the sm_90a prefill kernel; "
+                                  f"supported: {HEAD_SIZES}")
+    if block_size not in BLOCK_SIZES:
+        raise NotImplementedError(f"block_size {block_size} is not supported by the sm_90a prefill kernel; "
+                                  f"supported: {BLOCK_SIZES}")
+    strides = [_prefill_cuda._element_strides(name, a) for name, a in (("q", q), ("k", k), ("v", v), ("out", out))]
+    if max(int(cu_q[-1]), int(cu_k[-1])) >= 2**31:
+        raise ValueError(f"at most 2**31 - 1 tokens per call, got {int(cu_q[-1])} queries and {int(cu_k[-1])} keys")
+    if num_q_tokens == 0:
+        return out
+    schedule, num_tiles = _prefill_cuda._device_schedule(cupy, cu_q, cu_k, BLOCK_M)
+    if num_tiles == 0:
+        return out
+    batch = cu_q.shape[0] - 1
+    tiles = schedule[:2 * num_tiles]
+    dev_cu_q = schedule[2 * num_tiles:2 * num_tiles + batch + 1]
+    dev_cu_k = schedule[2 * num_tiles + batch + 1:]
+    indptr, indices = layout.csr(cupy)
+
+    name = kernel_name(q.dtype, head_size)
+    kernel = _kernels.get_function(SOURCE.filename, name)
+    smem = smem_bytes(head_size)
+    key = (cupy.cuda.Device().id, name)
+    if key not in _SMEM_SET:  # over 48 KB needs the opt-in attribute (once per kernel and device)
+        kernel.max_dynamic_shared_size_bytes = smem
+        _SMEM_SET.add(key)
+    # As on the sm_80 path: the kernel needs scale > 0 (one FFMA inside exp2, -inf masks kept). Scale 0 runs as
+    # 1e-30 (every finite score gives 2^0 = 1 in fp32: a uniform average); a negative scale runs on -q.
+    if scale < 0:
+        q = (-q.astype(cupy.float32)).astype(q.dtype)
+        strides[0] = _prefill_cuda._element_strides("q", q)
+    scale_log2 = np.float32(abs(scale) * math.log2(math.e) if scale != 0 else 1e-30)
+    (q_tok, q_head), (k_tok, k_head), (v_tok, v_head), (o_tok, o_head) = strides
+    kernel((num_tiles * num_heads,), (THREADS,),
+           (q, np.int64(q_tok), np.int32(q_head),
+            k, np.int64(k_tok), np.int32(k_head),
+            v, np.int64(v_tok), np.int32(v_head),
+            out, np.int64(o_tok), np.int32(o_head),
+            tiles, dev_cu_q, dev_cu_k, indptr, indices,
+            np.int32(num_heads), np.int32(num_heads // num_kv_heads), np.int32(layout.num_blocks),
+            np.int32(indices.shape[1]), np.int32(block_size), scale_log2),
+           shared_mem=smem)
+    return out
+

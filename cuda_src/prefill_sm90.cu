@@ -1,0 +1,481 @@
+// blocksparse_prefill_sm90: varlen block-sparse causal attention for Hopper (sm_90a): wgmma.mma_async with fp32
+// accumulate, K/V tiles in 128-byte-swizzled shared memory filled by a producer warpgroup (cp.async, mbarriers),
+// fp32 online softmax in base 2. Same semantics as prefill.cu (queries are the last q_len key positions).
+// q [T_q, H_q, D], k/v [T_k, H_kv, D], out [T_q, H_q, D]: last dim contiguous, token/head strides in elements.
+// Grid: one CTA per (128-row query tile, q head), blockIdx.x = tile_rank * H_q + head; warpgroup 0 loads K/V,
+// warpgroups 1 and 2 each own 64 query rows (Q in registers) and consume every key tile of the stage ring.
+#include "common.cuh"
+
+namespace cubsattn {
+namespace sm90 {
+
+#define NEG_INF (-__int_as_float(0x7f800000))  // NVRTC has no INFINITY macro without <cmath>
+
+constexpr int BLOCK_M = 128;     // query rows per CTA: two consumer warpgroups of 64
+constexpr int BLOCK_N = 64;      // keys per K/V tile (= one 64-key block, half of a 128-key block)
+constexpr int THREADS = 384;     // producer warpgroup + two consumer warpgroups
+constexpr int CONSUMER_WARPS = 8;
+
+// ---------------------------------------------------------------------------------------------------------------
+// PTX wrappers
+
+__device__ __forceinline__ unsigned smem_addr(const void* p) {
+  return static_cast<unsigned>(__cvta_generic_to_shared(p));
+}
+
+// 16-byte global -> shared copy; valid = false zero-fills (keys past the sequence).
+__device__ __forceinline__ void cp_async_16(unsigned dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N> __device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+// Generic-proxy shared-memory writes (cp.async) become visible to the async proxy (wgmma operand reads).
+__device__ __forceinline__ void fence_proxy_async() {
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+
+__device__ __forceinline__ void mbar_init(unsigned bar, unsigned count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(unsigned bar) {
+  asm volatile("{\n.reg .b64 state;\nmbarrier.arrive.shared::cta.b64 state, [%0];\n}\n" ::"r"(bar) : "memory");
+}
+// Blocks until the barrier phase of the given parity has completed.
+__device__ __forceinline__ void mbar_wait(unsigned bar, unsigned parity) {
+  unsigned done;
+  do {
+    asm volatile(
+        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(bar), "r"(parity)
+        : "memory");
+  } while (!done);
+}
+
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_wait_all() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
+
+// Shared-memory matrix descriptor, 128-byte swizzle (PTX ISA "Matrix Descriptor Format"): start address, leading
+// and stride byte offsets, each >> 4, in bits 0-13, 16-29, 32-45; swizzle mode 1 in bits 62-63. Every operand
+// tile starts on a 1024-byte boundary (one swizzle pattern), so the base offset field stays 0.
+__device__ __forceinline__ unsigned long long smem_desc(unsigned addr, unsigned lbo, unsigned sbo) {
+  return (unsigned long long)((addr & 0x3FFFF) >> 4) | ((unsigned long long)(lbo >> 4) << 16) |
+         ((unsigned long long)(sbo >> 4) << 32) | (1ull << 62);
+}
+
+// d (64x64 fp32, wgmma accumulator layout) += a (64x16, registers) * b (16x64, shared memory descriptor).
+// TRANS_B = 0: b is stored K-major (rows of the 64 n indices hold 16+ contiguous k); 1: N-major.
+#define CUBSATTN_WGMMA_ACC32                                                                                  \
+  "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]),   \
+      "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]),     \
+      "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]),    \
+      "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+#define CUBSATTN_WGMMA_M64N64K16(TYPE, TRANS)                                                                   \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"                                                  \
+               "wgmma.mma_async.sync.aligned.m64n64k16.f32." TYPE "." TYPE " "                               \
+               "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, "  \
+               "%20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, {%32, %33, %34, %35}, %36, p, 1, " \
+               "1, " TRANS ";\n}\n"                                                                           \
+               : CUBSATTN_WGMMA_ACC32                                                                         \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(accumulate))
+
+template <typename T, int TRANS_B> struct Wgmma;
+template <> struct Wgmma<__nv_bfloat16, 0> {
+  static __device__ __forceinline__ void run(float (&d)[32], const unsigned (&a)[4], unsigned long long desc,
+                                             int accumulate) {
+    CUBSATTN_WGMMA_M64N64K16("bf16", "0");
+  }
+};
+template <> struct Wgmma<__nv_bfloat16, 1> {
+  static __device__ __forceinline__ void run(float (&d)[32], const unsigned (&a)[4], unsigned long long desc,
+                                             int accumulate) {
+    CUBSATTN_WGMMA_M64N64K16("bf16", "1");
+  }
+};
+template <> struct Wgmma<__half, 0> {
+  static __device__ __forceinline__ void run(float (&d)[32], const unsigned (&a)[4], unsigned long long desc,
+                                             int accumulate) {
+    CUBSATTN_WGMMA_M64N64K16("f16", "0");
+  }
+};
+template <> struct Wgmma<__half, 1> {
+  static __device__ __forceinline__ void run(float (&d)[32], const unsigned (&a)[4], unsigned long long desc,
+                                             int accumulate) {
+    CUBSATTN_WGMMA_M64N64K16("f16", "1");
+  }
+};
+#undef CUBSATTN_WGMMA_M64N64K16
+#undef CUBSATTN_WGMMA_ACC32
+
+// Two fp32 values rounded to one packed fp16x2 / bf16x2 register (lo in the low half).
+template <typename T> __device__ __forceinline__ unsigned pack2(float lo, float hi);
+template <> __device__ __forceinline__ unsigned pack2<__half>(float lo, float hi) {
+  __half2 h = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<unsigned*>(&h);
+}
+template <> __device__ __forceinline__ unsigned pack2<__nv_bfloat16>(float lo, float hi) {
+  __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<unsigned*>(&h);
+}
+
+// 2^x on the SFU; ex2.approx(-inf) = +0, which is what masked scores need.
+__device__ __forceinline__ float exp2_approx(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Shared memory: STAGES x (K tile, V tile), then per stage a full and an empty mbarrier and the tile's (n0, mask).
+// A tile is [D/64][64 keys][64 elements]: each key row of a 64-column slab is 128 bytes whose 16-byte chunks are
+// XOR-swizzled by (key & 7), the canonical 128B-swizzle layout that wgmma reads as K-major (K in Q K^T) and as
+// N-major (V in P V).
+
+template <int HEAD_DIM, int STAGES> struct Layout {
+  static constexpr int TILE_BYTES = BLOCK_N * HEAD_DIM * 2;
+  static constexpr int SLAB_BYTES = BLOCK_N * 128;  // one 64-column slab of a tile
+  static constexpr int K_OFF = 0;
+  static constexpr int V_OFF = STAGES * TILE_BYTES;
+  static constexpr int BAR_OFF = 2 * STAGES * TILE_BYTES;
+  static constexpr int INFO_OFF = BAR_OFF + 2 * STAGES * 8;
+  static constexpr int BYTES = INFO_OFF + STAGES * 8;
+  static constexpr int ALLOC = BYTES + 1024;  // the dynamic window is re-aligned to 1024 bytes
+};
+
+// Byte offset of element (row, col) in a swizzled tile.
+__device__ __forceinline__ int swizzled(int row, int chunk) {
+  return (chunk >> 3) * (BLOCK_N * 128) + row * 128 + (((chunk & 7) ^ (row & 7)) << 4);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// The key-tile walk of one CTA (producer only): ascending union of the column lists of the R <= 2 CSR rows the
+// 128-row query tile spans (block 64: two rows, one per consumer warpgroup; block 128: one row, two 64-key
+// sub-tiles per column). mask bit r = the column is in row r.
+
+struct KeyWalk {
+  static constexpr int NONE = 0x7fffffff;
+  const int* cols;
+  int ptr0, end0, col0, ptr1, end1, col1;
+  int subs, sub, n0, mask, block_size, pos_last;
+
+  __device__ __forceinline__ bool next(int& out_n0, int& out_mask) {
+    if (sub + 1 < subs && n0 + BLOCK_N <= pos_last) {  // second 64-key half of a 128-key column
+      ++sub;
+      n0 += BLOCK_N;
+      out_n0 = n0;
+      out_mask = mask;
+      return true;
+    }
+    const int col = min(col0, col1);
+    if (col == NONE) return false;
+    mask = 0;
+    if (col0 == col) {
+      mask |= 1;
+      ++ptr0;
+      col0 = ptr0 < end0 ? cols[ptr0] : NONE;
+    }
+    if (col1 == col) {
+      mask |= 2;
+      ++ptr1;
+      col1 = ptr1 < end1 ? cols[ptr1] : NONE;
+    }
+    n0 = col * block_size;
+    sub = 0;
+    out_n0 = n0;
+    out_mask = mask;
+    return true;
+  }
+};
+
+// ---------------------------------------------------------------------------------------------------------------
+// Producer warpgroup: all 128 threads copy K/V tiles into the ring. A stage is published (full barrier, count 128)
+// one tile late: each thread waits for its own copies of the previous tile, fences them into the async proxy and
+// arrives, so two tiles are in flight per thread. A final stage with n0 = -1 tells the consumers to stop.
+
+template <typename T, int HEAD_DIM, int STAGES>
+__device__ __forceinline__ void produce(unsigned char* smem, const T* __restrict__ k, long long k_tok, int k_head,
+                                        const T* __restrict__ v, long long v_tok, int v_head, int k_start,
+                                        int k_len, int kv_head, KeyWalk walk) {
+  using L = Layout<HEAD_DIM, STAGES>;
+  constexpr int CHUNKS = HEAD_DIM / 8;
+  const int ptid = threadIdx.x;  // 0..127
+  const unsigned base = smem_addr(smem);
+  int2* info = reinterpret_cast<int2*>(smem + L::INFO_OFF);
+  const T* k_base = k + (long long)k_start * k_tok + (long long)kv_head * k_head;
+  const T* v_base = v + (long long)k_start * v_tok + (long long)kv_head * v_head;
+
+  int it = 0, n0, mask;
+  while (walk.next(n0, mask)) {
+    const int stage = it % STAGES;
+    mbar_wait(base + L::BAR_OFF + (STAGES + stage) * 8, ((it / STAGES) & 1) ^ 1);  // consumers freed it
+    if (ptid == 0) info[stage] = make_int2(n0, mask);
+    const unsigned dk = base + L::K_OFF + stage * L::TILE_BYTES;
+    const unsigned dv = base + L::V_OFF + stage * L::TILE_BYTES;
+#pragma unroll 4
+    for (int i = ptid; i < BLOCK_N * CHUNKS; i += 128) {
+      const int r = i / CHUNKS, c = i % CHUNKS, pos = n0 + r;
+      const bool valid = pos < k_len;  // keys past the sequence: zeros (their scores are masked causally)
+      const int off = swizzled(r, c);
+      cp_async_16(dk + off, valid ? k_base + (long long)pos * k_tok + c * 8 : k, valid);
+      cp_async_16(dv + off, valid ? v_base + (long long)pos * v_tok + c * 8 : v, valid);
+    }
+    cp_async_commit();
+    if (it > 0) {
+      cp_async_wait<1>();
+      fence_proxy_async();
+      mbar_arrive(base + L::BAR_OFF + ((it - 1) % STAGES) * 8);
+    }
+    ++it;
+  }
+  if (it > 0) {
+    cp_async_wait<0>();
+    fence_proxy_async();
+    mbar_arrive(base + L::BAR_OFF + ((it - 1) % STAGES) * 8);
+  }
+  const int stage = it % STAGES;
+  mbar_wait(base + L::BAR_OFF + (STAGES + stage) * 8, ((it / STAGES) & 1) ^ 1);
+  if (ptid == 0) info[stage] = make_int2(-1, 0);
+  mbar_arrive(base + L::BAR_OFF + stage * 8);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Consumer warpgroup: 64 query rows at absolute positions row0 .. row0 + 63.
+
+template <typename T, int HEAD_DIM, int STAGES>
+__device__ __forceinline__ void consume(unsigned char* smem, const T* __restrict__ q, long long q_tok,
+                                        int q_head, T* __restrict__ out, long long o_tok, int o_head, int head,
+                                        int q_start, int past, int row0, int pos_lo, int pos_hi, int row_bit,
+                                        float scale_log2) {
+  using L = Layout<HEAD_DIM, STAGES>;
+  constexpr int KT = HEAD_DIM / 16;  // k-steps of Q K^T
+  constexpr int DB = HEAD_DIM / 64;  // 64-column output slabs
+  const int tid = threadIdx.x & 127, warp = tid >> 5, lane = tid & 31;
+  const int g = lane >> 2, tq = lane & 3;
+  const unsigned base = smem_addr(smem);
+  const int2* info = reinterpret_cast<const int2*>(smem + L::INFO_OFF);
+
+  // This thread's two rows (g and g + 8 of its warp's 16) and whether they are queries of this tile.
+  int pos[2];
+  bool valid[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    pos[r] = row0 + warp * 16 + g + 8 * r;
+    valid[r] = pos[r] >= pos_lo && pos[r] < pos_hi;
+  }
+  const int wg_lo = max(row0, pos_lo), wg_hi = min(row0 + 64, pos_hi);  // valid rows of this warpgroup
+
+  // Q fragments straight from global memory into the wgmma A-operand register layout (rows g / g + 8, columns
+  // 2 tq + {0, 1} and + 8): each Q element is read once per CTA, so no shared-memory staging.
+  unsigned qf[KT][4];
+  {
+    const T* qrow[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r)
+      qrow[r] = q + (long long)(q_start + (valid[r] ? pos[r] - past : 0)) * q_tok + (long long)head * q_head;
+#pragma unroll
+    for (int kk = 0; kk < KT; ++kk) {
+      const int c = kk * 16 + 2 * tq;
+      qf[kk][0] = valid[0] ? *reinterpret_cast<const unsigned*>(qrow[0] + c) : 0u;
+      qf[kk][1] = valid[1] ? *reinterpret_cast<const unsigned*>(qrow[1] + c) : 0u;
+      qf[kk][2] = valid[0] ? *reinterpret_cast<const unsigned*>(qrow[0] + c + 8) : 0u;
+      qf[kk][3] = valid[1] ? *reinterpret_cast<const unsigned*>(qrow[1] + c + 8) : 0u;
+    }
+  }
+
+  float acc[DB][32];
+#pragma unroll
+  for (int b = 0; b < DB; ++b)
+#pragma unroll
+    for (int i = 0; i < 32; ++i) acc[b][i] = 0.f;
+  float row_max[2] = {NEG_INF, NEG_INF}, row_sum[2] = {0.f, 0.f};
+
+  for (int it = 0;; ++it) {
+    const int stage = it % STAGES;
+    mbar_wait(base + L::BAR_OFF + stage * 8, (it / STAGES) & 1);
+    const int2 tile = info[stage];
+    if (tile.x < 0) break;
+    const int n0 = tile.x;
+    // Skip tiles outside this warpgroup's CSR row, entirely after its last query, or when it has no queries.
+    if (((tile.y >> row_bit) & 1) && wg_lo < wg_hi && n0 < wg_hi) {
+      const unsigned k_tile = base + L::K_OFF + stage * L::TILE_BYTES;
+      const unsigned v_tile = base + L::V_OFF + stage * L::TILE_BYTES;
+
+      // S = Q K^T: K-major B operand; k-step kk reads 32 bytes further into slab kk / 4.
+      float s[32];
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < KT; ++kk)
+        Wgmma<T, 0>::run(s, qf[kk], smem_desc(k_tile + (kk >> 2) * L::SLAB_BYTES + (kk & 3) * 32, 16, 1024),
+                         kk > 0);
+      wgmma_commit();
+      wgmma_wait_all();
+
+      // Causal mask where a key can follow a row (the diagonal block and keys past the sequence, which are > every
+      // query position). Scores stay unscaled: scale_log2 > 0 keeps -inf and the row maximum.
+      if (n0 + BLOCK_N - 1 > row0 + warp * 16) {
+#pragma unroll
+        for (int j = 0; j < 8; ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e)
+            if (n0 + j * 8 + 2 * tq + (e & 1) > pos[e >> 1]) s[j * 4 + e] = NEG_INF;
+      }
+
+      // Online softmax in base 2: p = 2^(s * scale_log2 - max * scale_log2), one FFMA and one EX2 per score; the
+      // 4 lanes of a quad share a row.
+      float scale_old[2];
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        float mx = row_max[r];
+#pragma unroll
+        for (int j = 0; j < 8; ++j) mx = fmaxf(mx, fmaxf(s[j * 4 + 2 * r], s[j * 4 + 2 * r + 1]));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        const float base_r = mx == NEG_INF ? 0.f : mx * scale_log2;  // no key yet: keep everything finite
+        scale_old[r] = exp2_approx(row_max[r] * scale_log2 - base_r);
+        row_max[r] = mx;
+        float sum = 0.f;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+          s[j * 4 + 2 * r] = exp2_approx(fmaf(s[j * 4 + 2 * r], scale_log2, -base_r));
+          s[j * 4 + 2 * r + 1] = exp2_approx(fmaf(s[j * 4 + 2 * r + 1], scale_log2, -base_r));
+          sum += s[j * 4 + 2 * r] + s[j * 4 + 2 * r + 1];
+        }
+        row_sum[r] = row_sum[r] * scale_old[r] + sum;  // per-lane partial; quad-reduced at the end
+      }
+#pragma unroll
+      for (int b = 0; b < DB; ++b)
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+          acc[b][j * 4 + 0] *= scale_old[0];
+          acc[b][j * 4 + 1] *= scale_old[0];
+          acc[b][j * 4 + 2] *= scale_old[1];
+          acc[b][j * 4 + 3] *= scale_old[1];
+        }
+
+      // O += P V: the probabilities, rounded to T, are the register A operand (the accumulator layout of two
+      // adjacent 8-key column groups is the A layout of one 16-key step); V is read N-major, one 64-column slab
+      // per wgmma (leading byte offset = slab stride, stride byte offset = 8 keys).
+      unsigned pf[4][4];
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk) {
+        pf[kk][0] = pack2<T>(s[8 * kk + 0], s[8 * kk + 1]);
+        pf[kk][1] = pack2<T>(s[8 * kk + 2], s[8 * kk + 3]);
+        pf[kk][2] = pack2<T>(s[8 * kk + 4], s[8 * kk + 5]);
+        pf[kk][3] = pack2<T>(s[8 * kk + 6], s[8 * kk + 7]);
+      }
+      wgmma_fence();
+#pragma unroll
+      for (int b = 0; b < DB; ++b)
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk)
+          Wgmma<T, 1>::run(acc[b], pf[kk], smem_desc(v_tile + b * L::SLAB_BYTES + kk * 16 * 128, L::SLAB_BYTES, 1024),
+                           1);
+      wgmma_commit();
+      wgmma_wait_all();
+    }
+    __syncwarp();
+    if (lane == 0) mbar_arrive(base + L::BAR_OFF + (STAGES + stage) * 8);  // this warp is done with the stage
+  }
+
+  // Epilogue: normalise and store each row's column pairs (an empty CSR row outputs zeros).
+  float inv[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float l = row_sum[r];
+    l += __shfl_xor_sync(0xffffffffu, l, 1);
+    l += __shfl_xor_sync(0xffffffffu, l, 2);
+    inv[r] = l > 0.f ? 1.f / l : 0.f;
+  }
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    if (!valid[r]) continue;
+    T* orow = out + (long long)(q_start + pos[r] - past) * o_tok + (long long)head * o_head;
+#pragma unroll
+    for (int b = 0; b < DB; ++b)
+#pragma unroll
+      for (int j = 0; j < 8; ++j)
+        *reinterpret_cast<unsigned*>(orow + b * 64 + j * 8 + 2 * tq) =
+            pack2<T>(acc[b][j * 4 + 2 * r] * inv[r], acc[b][j * 4 + 2 * r + 1] * inv[r]);
+  }
+}
+
+}  // namespace sm90
+}  // namespace cubsattn
+
+// ---------------------------------------------------------------------------------------------------------------
+// Entry point: 384 threads, dynamic shared memory Layout<HEAD_DIM, STAGES>::ALLOC bytes (mirrored by
+// cubsattn/_prefill_sm90.py::smem_bytes).
+
+template <typename T, int HEAD_DIM, int STAGES>
+__global__ void __launch_bounds__(cubsattn::sm90::THREADS, 1) blocksparse_prefill_sm90(
+    const T* __restrict__ q, long long q_tok, int q_head,      // [T_q, H_q, D]
+    const T* __restrict__ k, long long k_tok, int k_head,      // [T_k, H_kv, D]
+    const T* __restrict__ v, long long v_tok, int v_head,      // [T_k, H_kv, D]
+    T* __restrict__ out, long long o_tok, int o_head,          // [T_q, H_q, D]
+    const int* __restrict__ tiles,                             // [num_tiles, 2]: (sequence, first position)
+    const int* __restrict__ cu_q, const int* __restrict__ cu_k,  // [batch + 1] each
+    const int* __restrict__ indptr, const int* __restrict__ indices,  // [H_q, NB + 1], [H_q, nnz_stride]
+    int num_heads, int group, int num_blocks, int nnz_stride, int block_size, float scale_log2) {
+  using namespace cubsattn::sm90;
+  using L = Layout<HEAD_DIM, STAGES>;
+  static_assert(HEAD_DIM % 64 == 0, "HEAD_DIM must be a multiple of 64 (128-byte swizzle slabs)");
+  extern __shared__ unsigned char smem_raw[];
+  unsigned char* smem = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
+
+  const int head = blockIdx.x % num_heads;
+  const int tile = blockIdx.x / num_heads;
+  const int seq = tiles[2 * tile], tile_start = tiles[2 * tile + 1];
+  const int q_start = cu_q[seq], q_len = cu_q[seq + 1] - q_start;
+  const int k_start = cu_k[seq], k_len = cu_k[seq + 1] - k_start;
+  const int past = k_len - q_len;  // queries are the last q_len key positions
+  const int pos_lo = max(tile_start, past), pos_hi = min(tile_start + BLOCK_M, k_len);  // valid rows [lo, hi)
+
+  if (threadIdx.x == 0) {
+    const unsigned bars = smem_addr(smem + L::BAR_OFF);
+    for (int s = 0; s < STAGES; ++s) {
+      mbar_init(bars + s * 8, 128);                        // full: every producer thread
+      mbar_init(bars + (STAGES + s) * 8, CONSUMER_WARPS);  // empty: one arrival per consumer warp
+    }
+  }
+  __syncthreads();
+
+  // No setmaxnreg: the consumers fit in the 168 registers per thread that 384 threads leave (ptxas: 165 for
+  // D = 128, no spills), so moving registers away from the producer would buy nothing.
+  const int wg = threadIdx.x / 128;
+  if (wg == 0) {
+    KeyWalk walk;
+    walk.cols = indices + (long long)head * nnz_stride;
+    walk.subs = block_size > BLOCK_N ? block_size / BLOCK_N : 1;
+    walk.sub = walk.subs;  // the first next() starts a column
+    walk.n0 = 0;
+    walk.mask = 0;
+    walk.block_size = block_size;
+    walk.pos_last = pos_hi - 1;
+    const int rows = BLOCK_M / block_size;  // 2 (block 64) or 1 (block 128)
+    const int* row_ptr = indptr + (long long)head * (num_blocks + 1);
+    int qb = tile_start / block_size;
+    walk.ptr0 = walk.end0 = walk.ptr1 = walk.end1 = 0;
+    walk.col0 = walk.col1 = KeyWalk::NONE;
+    if (qb < num_blocks && qb * block_size < pos_hi && (qb + 1) * block_size > pos_lo) {
+      walk.ptr0 = row_ptr[qb];
+      walk.end0 = row_ptr[qb + 1];
+      walk.col0 = walk.ptr0 < walk.end0 ? walk.cols[walk.ptr0] : KeyWalk::NONE;
+    }
+    ++qb;
+    if (rows == 2 && qb < num_blocks && qb * block_size < pos_hi && (qb + 1) * block_size > pos_lo) {
+      walk.ptr1 = row_ptr[qb];
+      walk.end1 = row_ptr[qb + 1];
+      walk.col1 = walk.ptr1 < walk.end1 ? walk.cols[walk.ptr1] : KeyWalk::NONE;
+    }
+    produce<T, HEAD_DIM, STAGES>(smem, k, k_tok, k_head, v, v_tok, v_head, k_start, k_len, head / group, walk);
+  } else {
+    const int c = wg - 1;
+    const int row_bit = block_size == 64 ? c : 0;  // the CSR row of this warpgroup's 64 rows
+    consume<T, HEAD_DIM, STAGES>(smem, q, q_tok, q_head, out, o_tok, o_head, head, q_start, past,
+                                 tile_start + 64 * c, pos_lo, pos_hi, row_bit, scale_log2);
+  }
+}
