@@ -55,44 +55,70 @@ SMALL = StackConfig(num_layers=4, hidden_size=256, num_heads=4, num_kv_heads=2, 
 class AttentionStack:
     """Random-weight layers with one paged KV cache each, stepping through the backend.
 
+    With ``tp_size > 1`` this object is one tensor-parallel rank: it owns query heads ``active_head_range`` and the
+    matching kv heads (column-parallel qkv projection), its own caches and allocator, and a row-parallel output
+    projection whose partial sums ``all_reduce`` adds up over ranks (e.g. an NCCL all-reduce). The weights are slices
+    of the same full random weights, so the ranks together compute exactly what ``tp_size=1`` computes.
+
     Parameters
     ----------
     config : StackConfig
+        Whole-model shape (``num_heads`` / ``num_kv_heads`` over all ranks).
     xp : numpy or cupy
     num_cache_blocks : int
         Blocks per layer cache (all layers share one block allocator, as in vLLM).
     seed : int
+    tp_rank, tp_size : int
+    all_reduce : callable, optional
+        ``all_reduce(array) -> array`` summing over ranks; required when ``tp_size > 1``.
     """
 
-    def __init__(self, config: StackConfig, xp, num_cache_blocks: int, *, seed: int = 0):
-        self.config, self.xp = config, xp
+    def __init__(self, config: StackConfig, xp, num_cache_blocks: int, *, seed: int = 0, tp_rank: int = 0,
+                 tp_size: int = 1, all_reduce=None):
+        if tp_size > 1 and all_reduce is None:
+            raise ValueError("tp_size > 1 needs all_reduce (the sum over ranks of the output projection)")
+        if config.num_kv_heads % tp_size:
+            raise ValueError(f"num_kv_heads ({config.num_kv_heads}) must be a multiple of tp_size ({tp_size})")
+        self.config, self.xp, self.all_reduce = config, xp, all_reduce
         c = config
         self.dtype = np.dtype(ml_dtypes.bfloat16) if c.dtype == "bfloat16" else np.dtype(c.dtype)
+        self.num_heads, self.num_kv_heads = c.num_heads // tp_size, c.num_kv_heads // tp_size
+        D = c.head_size
+        # Columns of the full qkv projection this rank keeps: its q heads, then its k heads, then its v heads.
+        q0, k0 = tp_rank * self.num_heads * D, tp_rank * self.num_kv_heads * D
+        cols = np.concatenate([np.arange(q0, q0 + self.num_heads * D),
+                               c.num_heads * D + np.arange(k0, k0 + self.num_kv_heads * D),
+                               (c.num_heads + c.num_kv_heads) * D + np.arange(k0, k0 + self.num_kv_heads * D)])
+        rows = np.arange(q0, q0 + self.num_heads * D)
         rng = np.random.default_rng(seed)
-        qkv_out = (c.num_heads + 2 * c.num_kv_heads) * c.head_size
+        qkv_out = (c.num_heads + 2 * c.num_kv_heads) * D
         self.w_qkv, self.w_o, self.impls, self.caches = [], [], [], []
         for i in range(c.num_layers):
             dense = c.dense_every > 0 and (i + 1) % c.dense_every == 0
-            self.w_qkv.append(xp.asarray(rng.standard_normal((c.hidden_size, qkv_out), np.float32)
-                                         / np.sqrt(c.hidden_size)))
-            self.w_o.append(xp.asarray(rng.standard_normal((c.num_heads * c.head_size, c.hidden_size), np.float32)
-                                       / np.sqrt(c.num_heads * c.head_size)))
-            self.impls.append(BlocksparseFlashAttentionImpl(c.num_heads, c.head_size, 1.0 / c.head_size,
-                                                            c.num_kv_heads, None, None, "auto", c.params(dense)))
-            shape = get_kv_cache_shape(num_cache_blocks, c.cache_block_size, c.num_kv_heads, c.head_size)
+            w_qkv = rng.standard_normal((c.hidden_size, qkv_out), np.float32) / np.sqrt(c.hidden_size)
+            w_o = rng.standard_normal((c.num_heads * D, c.hidden_size), np.float32) / np.sqrt(c.num_heads * D)
+            self.w_qkv.append(xp.asarray(np.ascontiguousarray(w_qkv[:, cols])))
+            self.w_o.append(xp.asarray(np.ascontiguousarray(w_o[rows])))
+            full = c.params(dense)
+            params = BlocksparseParams(full.max_seqlen, self.num_heads, self.num_kv_heads, full.block_size,
+                                       full.local_blocks, full.vert_stride, tp_rank=tp_rank, tp_size=tp_size)
+            self.impls.append(BlocksparseFlashAttentionImpl(self.num_heads, D, 1.0 / D, self.num_kv_heads, None,
+                                                            None, "auto", params))
+            shape = get_kv_cache_shape(num_cache_blocks, c.cache_block_size, self.num_kv_heads, D)
             self.caches.append(xp.zeros(shape, dtype=self.dtype))
         self.allocator = BlockAllocator(num_cache_blocks, c.cache_block_size)
         self.builder = BlocksparseMetadataBuilder(self.allocator, xp=xp)
 
     def forward(self, x, metadata):
         """Hidden states ``[T, hidden]`` (float32) after all layers, for the tokens ``metadata`` describes."""
-        xp, c = self.xp, self.config
-        hq, hkv = c.num_heads * c.head_size, c.num_kv_heads * c.head_size
+        xp = self.xp
+        hq, hkv = self.num_heads * self.config.head_size, self.num_kv_heads * self.config.head_size
         for w_qkv, w_o, impl, cache in zip(self.w_qkv, self.w_o, self.impls, self.caches):
             h = x / xp.sqrt((x * x).mean(axis=1, keepdims=True) + 1e-6)
             qkv = (h @ w_qkv).astype(self.dtype)
             attn = impl.forward(qkv[:, :hq], qkv[:, hq:hq + hkv], qkv[:, hq + hkv:], cache, metadata)
-            x = x + attn.astype(np.float32) @ w_o
+            y = attn.astype(np.float32) @ w_o
+            x = x + (y if self.all_reduce is None else self.all_reduce(y))
         return x
 
     def sparsity(self, seq_lens) -> float:

@@ -91,3 +91,57 @@ def test_rank_layout_is_slice_of_full():
     for r in range(2):
         part = BlockSparseLayout.from_params(params(r, 2, "per-kv-head"))
         np.testing.assert_array_equal(part.to_mask(), full.to_mask()[r * 4:(r + 1) * 4])
+
+
+class ThreadAllReduce:
+    """Sum over ranks for ranks running as threads (same summation order on every rank)."""
+
+    def __init__(self, world):
+        import threading
+
+        self.barrier = threading.Barrier(world)
+        self.parts = [None] * world
+
+    def __call__(self, rank, y):
+        self.parts[rank] = y
+        self.barrier.wait()
+        total = sum(self.parts[1:], self.parts[0])
+        self.barrier.wait()
+        return total
+
+
+def run_stack(stack, prompt, decode_inputs):
+    h = stack.allocator.add_sequence()
+    out = [stack.forward(prompt, stack.builder.build([(h, prompt.shape[0])], []))]
+    for x in decode_inputs:
+        out.append(stack.forward(x[None], stack.builder.build([], [h])))
+    return np.concatenate(out)
+
+
+@pytest.mark.parametrize("tp_size", [2, 4])
+def test_demo_stack_tensor_parallel_threads(tp_size):
+    import threading
+
+    from cubsattn.demo import AttentionStack, StackConfig
+
+    cfg = StackConfig(num_layers=2, hidden_size=64, num_heads=8, num_kv_heads=4, head_size=64, block_size=16,
+                      local_blocks=2, vert_stride=4, max_seqlen=256, dtype="float16")
+    rng = np.random.default_rng(0)
+    prompt = rng.standard_normal((90, 64), np.float32)
+    steps = rng.standard_normal((5, 64), np.float32)
+    want = run_stack(AttentionStack(cfg, np, 32), prompt, steps)
+    reduce = ThreadAllReduce(tp_size)
+    results = [None] * tp_size
+
+    def rank(r):
+        stack = AttentionStack(cfg, np, 32, tp_rank=r, tp_size=tp_size, all_reduce=lambda y: reduce(r, y))
+        results[r] = run_stack(stack, prompt, steps)
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(tp_size)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for r in range(tp_size):
+        np.testing.assert_array_equal(results[r], results[0])
+    np.testing.assert_allclose(results[0], want, rtol=2e-3, atol=2e-3)
