@@ -196,10 +196,17 @@ class BlocksparseFlashAttentionImpl:
             else:
                 if not has_cache:
                     raise ValueError("prefill sequences with context_len > 0 need the paged kv_cache")
-                k_all, v_all, cu_k = self._context_keys(xp, k[:P], v[:P], key_cache, value_cache, pm, context,
-                                                        k_scale, v_scale)
-                blocksparse_prefill(q[:P], k_all, v_all, cu_q, cu_k, self.layout, sm_scale=self.scale,
-                                    out=out[:P])
+                if xp is np:
+                    k_all, v_all, cu_k = self._context_keys(xp, k[:P], v[:P], key_cache, value_cache, pm, context,
+                                                            k_scale, v_scale)
+                    blocksparse_prefill(q[:P], k_all, v_all, cu_q, cu_k, self.layout, sm_scale=self.scale,
+                                        out=out[:P])
+                else:  # the paged kernel reads the contexts in place through the block tables
+                    from ._prefill_cuda import prefill_paged
+
+                    prefill_paged(q[:P], k[:P], v[:P], key_cache, value_cache, pm.block_tables, cu_q, context,
+                                  self.layout, sm_scale=self.scale, out=out[:P], kv_cache_dtype=self.kv_cache_dtype,
+                                  k_scale=k_scale, v_scale=v_scale)
         if m.decode_metadata is not None:
             if not has_cache:
                 raise ValueError("decode tokens need the paged kv_cache")
@@ -214,7 +221,8 @@ class BlocksparseFlashAttentionImpl:
     def _context_keys(self, xp, k_new, v_new, key_cache, value_cache, pm, context, k_scale, v_scale):
         """Packed keys/values of every prefill sequence: its cached context (dequantised) then its new tokens.
 
-        This gathers contexts into temporary arrays; a paged-K/V prefill kernel will read them in place.
+        NumPy path only: it gathers contexts into temporary arrays (the CuPy path reads them in place with
+        :func:`cubsattn._prefill_cuda.prefill_paged`, which computes the same).
         """
         cu_q = _host(pm.query_start_loc)
         tables = _host(pm.block_tables)

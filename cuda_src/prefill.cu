@@ -3,6 +3,9 @@
 // q [T_q, H_q, D], k/v [T_k, H_kv, D], out [T_q, H_q, D]: last dim contiguous, token/head strides in elements.
 // Grid: one CTA per (query tile, q head), blockIdx.x = tile_rank * H_q + head (tiles heaviest first, see
 // cubsattn/_prefill_cuda.py); WARPS warps own BLOCK_M / WARPS query rows each and walk the union of the tile's CSR rows.
+// The kernel body is shared with prefill_paged.cu (cached keys read from vLLM's paged cache via block tables).
+#include <cuda_fp8.h>
+
 #include "common.cuh"
 
 namespace cubsattn {
@@ -20,6 +23,10 @@ __device__ __forceinline__ unsigned smem_addr(const void* p) {
 // 16-byte global -> shared copy; src_bytes = 0 zero-fills (keys past the sequence, rows outside the tile).
 __device__ __forceinline__ void cp_async_16(unsigned dst, const void* src, bool valid) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0));
+}
+// 16-byte copy of which only the first `bytes` (0..16) are read; the rest of the destination is zero-filled.
+__device__ __forceinline__ void cp_async_16_part(unsigned dst, const void* src, int bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(bytes));
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N> __device__ __forceinline__ void cp_async_wait() {
@@ -96,9 +103,10 @@ template <int HEAD_DIM, int BLOCK_M, int WARPS, int BLOCK_N_> struct Config {
 };
 
 // ---------------------------------------------------------------------------------------------------------------
-// Key/value sources. The kernel body reads K/V only through `chunk(pos, c)` = address of the 16-byte chunk c of
-// key position pos (0-based inside the sequence) after `begin(seq, kv_head)`. A paged-cache source (vLLM key
-// layout [blocks, H_kv, D/8, block, 8]) is another struct with the same two methods and a block table.
+// Key/value sources. Contiguous K/V are read through `chunk(pos, c)` = address of the 16-byte chunk c of key
+// position pos (0-based inside the sequence) after `begin(seq, kv_head)`. The paged kernel reads positions
+// [context_len, k_len) of a sequence (this step's tokens, packed like the queries) the same way, and positions
+// [0, context_len) from the cache through PagedCache; NoCache disables that path at compile time.
 
 template <typename T> struct ContiguousKV {
   const T* base;      // [T_k, H_kv, D] with the strides below (elements)
@@ -115,6 +123,54 @@ template <typename T> struct ContiguousKV {
     return head_base + (long long)pos * (int)tok_stride + c * 8;
   }
 };
+
+struct NoCache {
+  static constexpr bool ENABLED = false;
+};
+
+// vLLM's paged cache of one layer. CT is the cache element: T ("auto") or unsigned char (fp8 E4M3, read back as
+// T(float(code) * scale), the rounding of cubsattn.kv_cache.gather_kv followed by a cast). A key position pos lives
+// in slot pos % bs of block tables[seq][pos / bs]; bs is a power of two >= 8, so 8 consecutive positions starting at
+// a multiple of 8 (one 16-byte value-cache chunk of a 16-bit cache) never cross a block.
+template <typename CT> struct PagedCache {
+  static constexpr bool ENABLED = true;
+  static constexpr bool FP8 = sizeof(CT) == 1;
+  static constexpr int X = 16 / sizeof(CT);  // key-cache innermost extent: one 16-byte chunk
+  const CT* key_cache;    // [num_blocks, H_kv, D / X, bs, X]
+  const CT* value_cache;  // [num_blocks, H_kv, D, bs]
+  const int* tables;      // [batch, table_stride] block ids
+  long long block_stride;  // H_kv * D * bs elements
+  int head_stride;        // D * bs elements
+  int table_stride, bs_shift;
+  float k_scale, v_scale;  // fp8 only
+  const int* table;       // set by begin(): this sequence's row
+  const CT* k_head;
+  const CT* v_head;
+
+  __device__ __forceinline__ void begin(int seq, int kv_head) {
+    table = tables + (long long)seq * table_stride;
+    k_head = key_cache + (long long)kv_head * head_stride;
+    v_head = value_cache + (long long)kv_head * head_stride;
+  }
+  // Key chunk 0 of position pos (chunk c, X elements, is at + (c << (bs_shift + log2 X))).
+  __device__ __forceinline__ const CT* key(int pos) const {
+    return k_head + table[pos >> bs_shift] * block_stride + (pos & ((1 << bs_shift) - 1)) * X;
+  }
+  // Value of dimension 0 at position pos (dimension d is at + (d << bs_shift); positions are contiguous).
+  __device__ __forceinline__ const CT* value(int pos) const {
+    return v_head + table[pos >> bs_shift] * block_stride + (pos & ((1 << bs_shift) - 1));
+  }
+};
+
+// n fp8 E4M3 codes (little-endian bytes of w) -> T(float(code) * scale), packed in pairs.
+template <typename T> __device__ __forceinline__ unsigned fp8x2_to(unsigned short w, float scale) {
+  const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(w), __NV_E4M3);
+  const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&h));
+  return pack2<T>(f.x * scale, f.y * scale);
+}
+template <typename T> __device__ __forceinline__ uint2 fp8x4_to(unsigned w, float scale) {
+  return make_uint2(fp8x2_to<T>(w & 0xffffu, scale), fp8x2_to<T>(w >> 16, scale));
+}
 
 // ---------------------------------------------------------------------------------------------------------------
 // The key-tile walk of one CTA: the union, ascending, of the column lists of the R CSR rows the query tile
@@ -164,13 +220,16 @@ struct KeyWalk {
 };
 
 // ---------------------------------------------------------------------------------------------------------------
-// The kernel body, generic over the K/V source.
+// The kernel body, generic over the K/V source. With a PagedCache, keys [0, past) come from the cache: those key
+// tiles stage V transposed (V^T [D][BLOCK_N + 8], the cache's d-major order, read by ldmatrix without .trans), and
+// a tile holding both cached and new keys is visited twice (cached rows, then new rows; the others masked), so
+// every visit reads one source with one V layout.
 
-template <typename T, int HEAD_DIM, int BLOCK_M, int WARPS, int BLOCK_N_, typename KV>
+template <typename T, int HEAD_DIM, int BLOCK_M, int WARPS, int BLOCK_N_, typename KV, typename Cache>
 __device__ __forceinline__ void prefill_tile(
     const T* __restrict__ q, long long q_tok, int q_head,      // [T_q, H_q, D]
     T* __restrict__ out, long long o_tok, int o_head,          // [T_q, H_q, D]
-    KV kv_k, KV kv_v,
+    KV kv_k, KV kv_v, Cache cache,
     const int* __restrict__ tiles,                             // [num_tiles, 2]: (sequence, first position)
     const int* __restrict__ cu_q,                              // [batch + 1]
     const int* __restrict__ cu_k,                              // [batch + 1]
@@ -184,10 +243,14 @@ __device__ __forceinline__ void prefill_tile(
   constexpr int KT = HEAD_DIM / 16;  // 16-deep k-steps of Q K^T
   constexpr int NT = BLOCK_N / 8;    // 8-wide score column tiles
 
+  constexpr int VT_STRIDE = BLOCK_N + 8;  // V^T rows (padded like STRIDE: conflict-free ldmatrix for 32/64 keys)
+  // One V stage holds either layout (paged kernel); the host mirrors this in _smem_bytes.
+  constexpr int V_ELEMS = Cache::ENABLED && HEAD_DIM * VT_STRIDE > C::KV_ELEMS ? HEAD_DIM * VT_STRIDE : C::KV_ELEMS;
+
   extern __shared__ __align__(128) unsigned char smem_raw[];
   T* sQ = reinterpret_cast<T*>(smem_raw);
   T* sK = sQ + C::Q_ELEMS;                       // [STAGES][BLOCK_N][STRIDE]
-  T* sV = sK + C::STAGES * C::KV_ELEMS;          // [STAGES][BLOCK_N][STRIDE]
+  T* sV = sK + C::STAGES * C::KV_ELEMS;          // [STAGES][V_ELEMS]: [BLOCK_N][STRIDE] or [HEAD_DIM][VT_STRIDE]
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int g = lane >> 2, tq = lane & 3;  // mma fragment row group and column pair
@@ -201,6 +264,7 @@ __device__ __forceinline__ void prefill_tile(
   const int pos_lo = max(tile_start, past), pos_hi = min(tile_start + BLOCK_M, k_len);  // valid rows [lo, hi)
   kv_k.begin(seq, kv_head);
   kv_v.begin(seq, kv_head);
+  if constexpr (Cache::ENABLED) cache.begin(seq, kv_head);
 
   // ---- Q tile -> shared (rows outside [pos_lo, pos_hi) are zero) -------------------------------------------
   for (int i = tid; i < BLOCK_M * CHUNKS; i += THREADS) {
@@ -237,27 +301,138 @@ __device__ __forceinline__ void prefill_tile(
 
   auto load_kv = [&](int n0, int stage) {
     T* dk = sK + stage * C::KV_ELEMS;
-    T* dv = sV + stage * C::KV_ELEMS;
+    T* dv = sV + stage * V_ELEMS;
     // Not unrolled: unrolling lets the compiler hoist every row's 64-bit offset out of the key loop, which costs
     // more registers than the MMA tiles can spare (spills on sm_80 / sm_90).
 #pragma unroll 1
     for (int i = tid; i < BLOCK_N * CHUNKS; i += THREADS) {
       const int r = i / CHUNKS, c = i % CHUNKS, pos = n0 + r;
-      const bool valid = pos < k_len;  // keys past the sequence: zeros (their scores are masked causally)
-      cp_async_16(smem_addr(dk + r * STRIDE + c * 8), valid ? kv_k.chunk(pos, c) : (const void*)q, valid);
-      cp_async_16(smem_addr(dv + r * STRIDE + c * 8), valid ? kv_v.chunk(pos, c) : (const void*)q, valid);
+      if constexpr (Cache::ENABLED) {  // this step's keys, packed like the queries; cached rows are zeros
+        const bool valid = pos >= past && pos < k_len;
+        cp_async_16(smem_addr(dk + r * STRIDE + c * 8), valid ? kv_k.chunk(pos - past, c) : (const void*)q, valid);
+        cp_async_16(smem_addr(dv + r * STRIDE + c * 8), valid ? kv_v.chunk(pos - past, c) : (const void*)q, valid);
+      } else {
+        const bool valid = pos < k_len;  // keys past the sequence: zeros (their scores are masked causally)
+        cp_async_16(smem_addr(dk + r * STRIDE + c * 8), valid ? kv_k.chunk(pos, c) : (const void*)q, valid);
+        cp_async_16(smem_addr(dv + r * STRIDE + c * 8), valid ? kv_v.chunk(pos, c) : (const void*)q, valid);
+      }
     }
+  };
+
+  // Cached keys [n0, min(n0 + BLOCK_N, past)) of a key tile: K rows [key][D] and V^T rows [D][key]; other keys are
+  // zeros. Thread mappings keep one block-table lookup per thread and tile: K row r = tid % BLOCK_N (its chunks
+  // are strided by THREADS / BLOCK_N; consecutive threads read consecutive slots, 16 contiguous bytes apart in the
+  // key cache), V^T 8-key group kc = tid % (BLOCK_N / 8) (its rows strided by THREADS / (BLOCK_N / 8)).
+  auto load_cached = [&](int n0, int stage) {
+    if constexpr (Cache::ENABLED) {
+      static_assert(THREADS % BLOCK_N == 0, "K rows: THREADS must be a multiple of BLOCK_N");
+      constexpr int KSTEP = THREADS / BLOCK_N, KC = BLOCK_N / 8, VSTEP = THREADS / KC;
+      T* dk = sK + stage * C::KV_ELEMS;
+      T* dv = sV + stage * V_ELEMS;
+      const int r = tid % BLOCK_N, kpos = n0 + r;
+      const bool kvalid = kpos < past;
+      const int kc = tid % KC, vpos = n0 + 8 * kc;
+      const int vkeys = min(max(past - vpos, 0), 8);  // leading cached keys of the 8-key group
+      const int bs_shift = cache.bs_shift;
+      if constexpr (!Cache::FP8) {
+        const T* ksrc = kvalid ? cache.key(kpos) : q;
+        const T* vsrc = vkeys > 0 ? cache.value(vpos) : q;
+#pragma unroll 1
+        for (int c = tid / BLOCK_N; c < CHUNKS; c += KSTEP)
+          cp_async_16(smem_addr(dk + r * STRIDE + c * 8), ksrc + (c << (bs_shift + 3)), kvalid);
+#pragma unroll 1
+        for (int d = tid / KC; d < HEAD_DIM; d += VSTEP)
+          cp_async_16_part(smem_addr(dv + d * VT_STRIDE + 8 * kc), vsrc + (d << bs_shift), 2 * vkeys);
+      } else {
+        // fp8: plain loads (all of a thread's loads first), dequantised to T on the way to shared memory.
+        constexpr int K16 = HEAD_DIM / 16, KITER = (K16 + KSTEP - 1) / KSTEP;
+        constexpr int VITER = (HEAD_DIM + VSTEP - 1) / VSTEP;
+        const unsigned char* ksrc = kvalid ? cache.key(kpos) : nullptr;
+        const unsigned char* vsrc = vkeys > 0 ? cache.value(vpos) : nullptr;
+        uint4 kraw[KITER];
+        uint2 vraw[VITER];
+#pragma unroll
+        for (int j = 0; j < KITER; ++j) {
+          const int c = tid / BLOCK_N + j * KSTEP;
+          kraw[j] = make_uint4(0u, 0u, 0u, 0u);
+          if (kvalid && c < K16) kraw[j] = __ldg(reinterpret_cast<const uint4*>(ksrc + (c << (bs_shift + 4))));
+        }
+#pragma unroll
+        for (int j = 0; j < VITER; ++j) {
+          const int d = tid / KC + j * VSTEP;
+          vraw[j] = make_uint2(0u, 0u);
+          if (vkeys > 0 && d < HEAD_DIM) vraw[j] = __ldg(reinterpret_cast<const uint2*>(vsrc + (d << bs_shift)));
+        }
+        // Keys past the context in a partly cached group: zero their bytes (code 0 is +0).
+        const unsigned long long keep = vkeys >= 8 ? ~0ull : (1ull << (8 * vkeys)) - 1ull;
+#pragma unroll
+        for (int j = 0; j < KITER; ++j) {
+          const int c = tid / BLOCK_N + j * KSTEP;
+          if (c < K16) {
+            const float s = cache.k_scale;
+            const uint2 a = fp8x4_to<T>(kraw[j].x, s), b = fp8x4_to<T>(kraw[j].y, s);
+            const uint2 e = fp8x4_to<T>(kraw[j].z, s), f = fp8x4_to<T>(kraw[j].w, s);
+            uint4* dst = reinterpret_cast<uint4*>(dk + r * STRIDE + c * 16);
+            dst[0] = make_uint4(a.x, a.y, b.x, b.y);
+            dst[1] = make_uint4(e.x, e.y, f.x, f.y);
+          }
+        }
+#pragma unroll
+        for (int j = 0; j < VITER; ++j) {
+          const int d = tid / KC + j * VSTEP;
+          if (d < HEAD_DIM) {
+            const unsigned long long w = ((unsigned long long)vraw[j].y << 32 | vraw[j].x) & keep;
+            const uint2 a = fp8x4_to<T>((unsigned)w, cache.v_scale), b = fp8x4_to<T>((unsigned)(w >> 32), cache.v_scale);
+            *reinterpret_cast<uint4*>(dv + d * VT_STRIDE + 8 * kc) = make_uint4(a.x, a.y, b.x, b.y);
+          }
+        }
+      }
+    }
+  };
+
+  // Paged: the visits of the walk's key tiles, (n0, mask, cached?); a tile crossing `past` is visited twice. The
+  // contiguous kernel calls walk.next / load_kv directly (the same code as before the paged path existed).
+  bool split_pending = false;
+  auto next_visit = [&](int& n0, unsigned& mask, bool& cached) -> bool {
+    if (split_pending) {  // n0 / mask still hold the tile
+      split_pending = false;
+      cached = false;
+      return true;
+    }
+    if (!walk.next(n0, mask)) return false;
+    cached = n0 < past;
+    split_pending = cached && n0 + BLOCK_N > past;
+    return true;
+  };
+  auto load_visit = [&](int n0, bool cached, int stage) {
+    if (cached)
+      load_cached(n0, stage);
+    else
+      load_kv(n0, stage);
   };
 
   // Prologue: two key tiles in flight. Every step commits a group (possibly empty) so wait counts stay fixed.
   int n0_cur = 0, n0_nxt = 0;
   unsigned mask_cur = 0, mask_nxt = 0;
-  bool have_cur = walk.next(n0_cur, mask_cur);
-  if (have_cur) load_kv(n0_cur, 0);
-  cp_async_commit();
-  bool have_nxt = have_cur && walk.next(n0_nxt, mask_nxt);
-  if (have_nxt) load_kv(n0_nxt, 1);
-  cp_async_commit();
+  bool cached_cur = false, cached_nxt = false;
+  bool have_cur, have_nxt;
+  if constexpr (Cache::ENABLED) {
+    have_cur = next_visit(n0_cur, mask_cur, cached_cur);
+    if (have_cur) load_visit(n0_cur, cached_cur, 0);
+    cp_async_commit();
+    n0_nxt = n0_cur;  // a split tile's second visit reuses n0 / mask
+    mask_nxt = mask_cur;
+    have_nxt = have_cur && next_visit(n0_nxt, mask_nxt, cached_nxt);
+    if (have_nxt) load_visit(n0_nxt, cached_nxt, 1);
+    cp_async_commit();
+  } else {
+    have_cur = walk.next(n0_cur, mask_cur);
+    if (have_cur) load_kv(n0_cur, 0);
+    cp_async_commit();
+    have_nxt = have_cur && walk.next(n0_nxt, mask_nxt);
+    if (have_nxt) load_kv(n0_nxt, 1);
+    cp_async_commit();
+  }
 
   // ---- per-warp state ----------------------------------------------------------------------------------------
   const int warp_pos0 = tile_start + warp * WARP_ROWS;              // absolute position of the warp's row 0
@@ -284,6 +459,8 @@ __device__ __forceinline__ void prefill_tile(
   const int a_off = (warp * WARP_ROWS + (lane & 15)) * STRIDE + (lane >> 4) * 8;
   const int k_off = ((lane >> 4) * 8 + (lane & 7)) * STRIDE + ((lane >> 3) & 1) * 8;
   const int v_off = (lane & 15) * STRIDE + (lane >> 4) * 8;
+  const int vt_off =  // as k_off, on V^T (paged kernel only)
+      Cache::ENABLED ? ((lane >> 4) * 8 + (lane & 7)) * VT_STRIDE + ((lane >> 3) & 1) * 8 : 0;
 
   unsigned qf[C::Q_IN_REGS ? MT : 1][C::Q_IN_REGS ? KT : 1][4];
   cp_async_wait<2>();  // the Q group
@@ -307,7 +484,9 @@ __device__ __forceinline__ void prefill_tile(
     }
     if (warp_valid && any_bits != 0 && n0_cur <= warp_last) {
       const T* cK = sK + stage * C::KV_ELEMS;
-      const T* cV = sV + stage * C::KV_ELEMS;
+      const T* cV = sV + stage * V_ELEMS;
+      // Paged: a tile crossing `past` masks the keys of the other source in each of its two visits.
+      const bool cut = Cache::ENABLED && n0_cur < past && n0_cur + BLOCK_N > past;
 
       // S = Q K^T (fp32); each K fragment feeds all MT m-tiles.
       float s[MT][NT][4];
@@ -345,7 +524,7 @@ __device__ __forceinline__ void prefill_tile(
         // Mask only where needed: keys after a row's position (diagonal / tail) or keys of sub-blocks that are not
         // in this m-tile's CSR row. Scores stay unscaled (scale_log2 > 0 keeps -inf and the row maximum).
         const int mt_pos0 = warp_pos0 + mt * 16;
-        if (n0_cur + BLOCK_N - 1 > mt_pos0 || wbits[mt] != full_bits) {
+        if (n0_cur + BLOCK_N - 1 > mt_pos0 || wbits[mt] != full_bits || cut) {
 #pragma unroll
           for (int j = 0; j < NT; ++j)
 #pragma unroll
@@ -353,7 +532,12 @@ __device__ __forceinline__ void prefill_tile(
               const int key_off = j * 8 + 2 * tq + (e & 1);
               const int pos = mt_pos0 + g + (e >> 1) * 8;
               const bool in_row = (wbits[mt] >> (key_off >> block_shift)) & 1u;
-              if (n0_cur + key_off > pos || !in_row) s[mt][j][e] = NEG_INF;
+              if constexpr (Cache::ENABLED) {
+                if (n0_cur + key_off > pos || !in_row || (cut && (n0_cur + key_off < past) != cached_cur))
+                  s[mt][j][e] = NEG_INF;
+              } else {
+                if (n0_cur + key_off > pos || !in_row) s[mt][j][e] = NEG_INF;
+              }
             }
         }
 
@@ -397,6 +581,7 @@ __device__ __forceinline__ void prefill_tile(
       }
 
       // O += P V: the score accumulators, rounded to T, are the A operand directly (no shared round trip).
+      // V rows [key][D] are read with ldmatrix .trans, cached V^T rows [D][key] without (same fragments).
 #pragma unroll
       for (int kk = 0; kk < BLOCK_N / 16; ++kk) {
         unsigned a[MT][4];
@@ -410,7 +595,10 @@ __device__ __forceinline__ void prefill_tile(
 #pragma unroll
         for (int dp = 0; dp < DT / 2; ++dp) {
           unsigned b[4];
-          ldmatrix_x4_trans(b, smem_addr(cV + v_off + kk * 16 * STRIDE + dp * 16));
+          if (Cache::ENABLED && cached_cur)
+            ldmatrix_x4(b, smem_addr(cV + vt_off + dp * 16 * VT_STRIDE + kk * 16));
+          else
+            ldmatrix_x4_trans(b, smem_addr(cV + v_off + kk * 16 * STRIDE + dp * 16));
 #pragma unroll
           for (int mt = 0; mt < MT; ++mt) {
             mma<T>(acc[mt][2 * dp], a[mt], b[0], b[1]);
@@ -423,8 +611,14 @@ __device__ __forceinline__ void prefill_tile(
     have_cur = have_nxt;
     n0_cur = n0_nxt;
     mask_cur = mask_nxt;
-    have_nxt = have_nxt && walk.next(n0_nxt, mask_nxt);
-    if (have_nxt) load_kv(n0_nxt, stage);
+    if constexpr (Cache::ENABLED) {
+      cached_cur = cached_nxt;
+      have_nxt = have_nxt && next_visit(n0_nxt, mask_nxt, cached_nxt);
+      if (have_nxt) load_visit(n0_nxt, cached_nxt, stage);
+    } else {
+      have_nxt = have_nxt && walk.next(n0_nxt, mask_nxt);
+      if (have_nxt) load_kv(n0_nxt, stage);
+    }
     cp_async_commit();
   }
 
@@ -480,7 +674,8 @@ __global__ void __launch_bounds__(WARPS * 32) blocksparse_prefill(
   using KV = cubsattn::prefill::ContiguousKV<T>;
   const KV kv_k{k, k_tok, k_head, cu_k, k};
   const KV kv_v{v, v_tok, v_head, cu_k, v};
-  cubsattn::prefill::prefill_tile<T, HEAD_DIM, BLOCK_M, WARPS, BLOCK_N, KV>(q, q_tok, q_head, out, o_tok, o_head, kv_k, kv_v, tiles,
-                                                            cu_q, cu_k, indptr, indices, num_heads, group,
-                                                            num_blocks, nnz_stride, block_size, scale_log2);
+  using NoCache = cubsattn::prefill::NoCache;
+  cubsattn::prefill::prefill_tile<T, HEAD_DIM, BLOCK_M, WARPS, BLOCK_N, KV, NoCache>(
+      q, q_tok, q_head, out, o_tok, o_head, kv_k, kv_v, NoCache{}, tiles, cu_q, cu_k, indptr, indices, num_heads,
+      group, num_blocks, nnz_stride, block_size, scale_log2);
 }
