@@ -23,15 +23,18 @@ THREADS = 128
 #: cp.async.bulk and mbarrier transaction counts), with BULK_STAGES[head_size] 64-token stages in its ring.
 BULK_THREADS = 160
 BULK_MIN_CC = 90
+#: ~96 KB rings (two CTAs per SM; D 256: one CTA, 192 KB). Measured on an H200 for D 128 (Phi-3 decode, ms, 64x8k /
+#: 16x32k / 256x2k): 2 stages 0.352 / 0.312 / 0.419, 3 stages 0.329 / 0.317 / 0.418, 6 stages (one CTA per SM)
+#: 0.340 / 0.322 / 0.437: more bytes in flight than 2 x 2 x 32 KB per SM buys nothing.
 BULK_STAGES = {64: 6, 80: 4, 96: 4, 128: 3, 256: 3}
 #: Mirrors decode.cu: tokens per pipeline stage (CUDA-core fp8 kernel / tensor-core kernel) and the longest split (in
 #: cache blocks) one CTA can list.
 STAGE_TOKENS = 32
 MMA_STAGE_TOKENS = 64
 MAX_SPLIT_BLOCKS = 512
-#: Split heuristic: aim for this many CTAs per SM (the tensor-core kernel keeps 2 resident; a split sweep on an H200
-#: put the best counts at 1 for 64 x 8k and 256 x 2k, 4-16 for 16 x 32k, 16-32 for 1 x 128k), but never split a
-#: sequence into pieces shorter than
+#: Split heuristic: aim for this many CTAs per SM (both tensor-core kernels keep 2 resident for head sizes <= 128;
+#: split sweeps on an H200 put the best counts at 1 for 64 x 8k and 256 x 2k, 4-16 for 16 x 32k, 16-33 for 1 x 128k,
+#: for the cp.async kernel and the bulk-copy kernel alike), but never split a sequence into pieces shorter than
 #: MIN_SPLIT_TOKENS (each split pays a block-list prologue, a pipeline fill and a combine share).
 TARGET_CTAS_PER_SM = 2
 MIN_SPLIT_TOKENS = 1024
