@@ -6,7 +6,11 @@ written), timed in the same run. Kernel time: CUDA events around 20 back-to-back
 (validated arguments), divided by 20. "API" rows: host wall time per public call including its host validation (and
 device->host reads where documented), synchronised after each call. Write: 64k tokens x 8 kv heads x 128, cache
 block 16; slots of a block-shuffled prefill (each block filled by 16 consecutive tokens, blocks in random order), of
-packed chunked-prefill sequences (random lengths, each starting mid-block) and fully random slots. copy_blocks: 10k
+packed chunked-prefill sequences (random lengths, each starting mid-block) and fully random slots. Decode step: 256
+tokens, each alone in its own cache block (random block, random offset): kernel time from CUDA events around ONE
+launch queued behind a 256 MB copy (so the host's launch time is not in it), median of 50, and the public call's
+wall time. Dispatch rows: both write kernels on decode-like and prefill slots for growing token counts (the
+library sends <= SCATTER_MAX_TOKENS tokens to the per-token kernel). copy_blocks: 10k
 (src, dst) pairs of one layer, random disjoint blocks. swap_blocks: 2k blocks to pinned host memory and back. Peer: a
 PyTorch advanced-indexing scatter of the same write (what a pure-PyTorch backend would do). Times are medians of
 CUDA-event-timed runs after warm-up; inputs are several times larger than L2.
@@ -57,6 +61,25 @@ def api_ms(fn, *, repeat=20) -> float:
     return (time.perf_counter() - t) / repeat * 1e3
 
 
+def event_us(fn, *, samples=50) -> float:
+    """Median GPU time of one ``fn()`` in us: events around it, queued behind a 256 MB device copy so that the GPU
+    does not wait for the host's launch."""
+    nbytes = 256 << 20
+    a, b = cupy.empty(nbytes, dtype=cupy.uint8), cupy.empty(nbytes, dtype=cupy.uint8)
+    runtime, stream = cupy.cuda.runtime, cupy.cuda.get_current_stream()
+    fn()
+    start, stop = cupy.cuda.Event(), cupy.cuda.Event()
+    times = []
+    for _ in range(samples):
+        runtime.memcpyAsync(b.data.ptr, a.data.ptr, nbytes, runtime.memcpyDeviceToDevice, stream.ptr)
+        start.record()
+        fn()
+        stop.record()
+        stop.synchronize()
+        times.append(cupy.cuda.get_elapsed_time(start, stop) * 1e3)
+    return float(np.median(times))
+
+
 def copy_ms(nbytes: int) -> float:
     """Time of a D2D cudaMemcpy of ``nbytes`` (moves 2 * nbytes)."""
     a = cupy.empty(nbytes, dtype=cupy.uint8)
@@ -96,13 +119,10 @@ def bench_write(peers: bool):
             ms = gpu_ms(lambda: _cache_cuda.reshape_and_cache(key, value, kc, vc, s, fp8=kv_dtype == "fp8",
                                                               k_scale=0.5, v_scale=0.5))
             row(f"write {label} {name}", ms, moved, copy)
-        # A decode step's write: few tokens, latency rather than bandwidth (launcher calls back-to-back: this
-        # includes the launcher's host time, which dominates at this size).
-        s = cupy.asarray(layouts["random slots"][:256].astype(np.int64))
-        ms = gpu_ms(lambda: _cache_cuda.reshape_and_cache(key[:256], value[:256], kc, vc, s, fp8=kv_dtype == "fp8",
-                                                          k_scale=0.5, v_scale=0.5))
-        print(f"| write {label} decode batch, 256 tokens (random slots), per launcher call | {ms * 1e3:.1f} us | | | |",
-              flush=True)
+        s = cupy.asarray(layouts["random slots"].astype(np.int64))
+        ms = gpu_ms(lambda: _cache_cuda.launch_tokens(key, value, kc, vc, s, fp8=kv_dtype == "fp8", k_scale=0.5,
+                                                      v_scale=0.5))
+        row(f"write {label} random slots, per-token kernel", ms, moved, copy)
         s = cupy.asarray(layouts["prefill (block-shuffled)"].astype(np.int64))
         for check in (False, True):
             ms = api_ms(lambda: kvc.write_to_paged_cache(key, value, kc, vc, s, kv_dtype, 0.5, 0.5,
@@ -110,6 +130,40 @@ def bench_write(peers: bool):
             row(f"  API write_to_paged_cache, check_slots={check}", ms, moved, copy)
         if peers and kv_dtype == "auto":
             torch_scatter(key, value, kc, vc, s, moved, copy)
+        del kv, kc, vc
+
+
+def bench_decode():
+    """A decode step's write (256 tokens alone in their blocks), and both kernels over growing token counts."""
+    rng = np.random.default_rng(3)
+    nb = 8192
+    print(f"\n| decode-sized write, {KV_HEADS} kv heads x {HEAD}, cache block {BS} | kernel us (events) | "
+          f"public call us, check_slots=False / True |")
+    print("|---|---|---|")
+    for kv_dtype in ("auto", "fp8"):
+        label = "bf16" if kv_dtype == "auto" else "fp8"
+        kv = cupy.zeros(kvc.get_kv_cache_shape(nb, BS, KV_HEADS, HEAD), dtype=kvc.kv_cache_element_dtype(BF16,
+                                                                                                         kv_dtype))
+        kc, vc = kvc.split_kv_cache(kv, KV_HEADS, HEAD)
+        fp8 = kv_dtype == "fp8"
+        for t in (256, 512, 1024, 2048, 4096):
+            key = cupy.asarray(rng.standard_normal((t, KV_HEADS, HEAD), np.float32).astype(BF16))
+            value = cupy.asarray(rng.standard_normal((t, KV_HEADS, HEAD), np.float32).astype(BF16))
+            blocks = rng.permutation(nb)[:t]
+            alone = cupy.asarray(blocks * BS + rng.integers(0, BS, t))
+            pos = np.arange(t)
+            prefill = cupy.asarray(blocks[pos // BS] * BS + pos % BS)
+            for name, s in (("alone in its block", alone), ("prefill", prefill)):
+                us = {k: event_us(lambda: launch(key, value, kc, vc, s, fp8=fp8, k_scale=0.5, v_scale=0.5))
+                      for k, launch in (("tokens", _cache_cuda.launch_tokens), ("tiles", _cache_cuda.launch_tiles))}
+                api = ""
+                if t == 256 and name.startswith("alone"):
+                    def call(check):
+                        return lambda: kvc.write_to_paged_cache(key, value, kc, vc, s, kv_dtype, 0.5, 0.5,
+                                                                check_slots=check)
+                    api = " / ".join(f"{api_ms(call(c), repeat=200) * 1e3:.1f}" for c in (False, True))
+                print(f"| {label} {t} tokens, {name}: per-token kernel / tile kernel | {us['tokens']:.1f} / "
+                      f"{us['tiles']:.1f} | {api} |", flush=True)
         del kv, kc, vc
 
 
@@ -194,6 +248,7 @@ def main():
     print("| op | ms | GB/s | copy GB/s | ratio |")
     print("|---|---|---|---|---|")
     bench_write(not args.no_peers)
+    bench_decode()
     bench_copy_blocks()
     bench_swap()
 

@@ -13,21 +13,34 @@ from . import _kernels
 
 #: tokens per tile of reshape_and_cache (kTileTokens in kv_cache.cu).
 TILE_TOKENS = 16
+#: batches of at most this many tokens go to reshape_and_cache_tokens (one thread per token chunk, one load phase):
+#: decode steps. Larger ones go to the tile kernel, which stores whole row pieces for runs of consecutive slots.
+#: H200, 8 kv heads x 128, bf16, kernel times (us) per-token / tile kernel: tokens alone in their blocks 16.8 / 18.8
+#: (256 tokens), 33.5 / 37.4 (512); consecutive (prefill) slots 9.8 / 6.6 (256), 15.8 / 7.1 (512). 256 covers
+#: decode batches of up to 256 sequences and keeps prefill chunks on the tile kernel.
+SCATTER_MAX_TOKENS = 256
 #: largest head_size the write kernel takes (the largest decode supports).
 MAX_HEAD_SIZE = 256
 _THREADS = 256
 
 
-def _write_name(dtype, fp8: bool, slot_dtype) -> str:
+def _write_name(kernel: str, dtype, fp8: bool, slot_dtype) -> str:
     slot = "int" if np.dtype(slot_dtype) == np.int32 else "long long"
-    return f"cubsattn::reshape_and_cache<{_kernels.ctype(dtype)}, {'true' if fp8 else 'false'}, {slot}>"
+    return f"cubsattn::{kernel}<{_kernels.ctype(dtype)}, {'true' if fp8 else 'false'}, {slot}>"
 
 
 SOURCE = _kernels.register(_kernels.KernelSource(
     "kv_cache.cu",
-    tuple(_write_name(dt, fp8, sd) for dt in _kernels.CTYPE for fp8 in (False, True) for sd in (np.int32, np.int64))
+    tuple(_write_name(k, dt, fp8, sd) for k in ("reshape_and_cache", "reshape_and_cache_tokens")
+          for dt in _kernels.CTYPE for fp8 in (False, True) for sd in (np.int32, np.int64))
     + ("copy_blocks",),
 ))
+
+
+@functools.cache
+def _function(name: str, device_id: int):
+    """Kernel ``name`` on device ``device_id``, looked up once: a decode step's write is host-bound."""
+    return _kernels.get_function(SOURCE.filename, name)
 
 
 @functools.cache
@@ -35,8 +48,7 @@ def _resident_ctas(name: str, device_id: int) -> int:
     """CTAs of kernel ``name`` resident on the whole device at once (the persistent grid size)."""
     from cupy.cuda import driver
 
-    kernel = _kernels.get_function(SOURCE.filename, name)
-    per_sm = driver.occupancyMaxActiveBlocksPerMultiprocessor(kernel.kernel.ptr, _THREADS, 0)
+    per_sm = driver.occupancyMaxActiveBlocksPerMultiprocessor(_function(name, device_id).kernel.ptr, _THREADS, 0)
     return max(1, per_sm) * _kernels.num_sms()
 
 
@@ -44,39 +56,69 @@ def reshape_and_cache(key, value, key_cache, value_cache, slot_mapping, *, fp8: 
                       v_scale: float) -> None:
     """Scatter ``key``/``value`` ``[T, H, D]`` (token-strided) into the caches; slots < 0 or out of range skipped.
 
-    Needs ``num_blocks * block_size < 2**31`` and 16-byte aligned caches (checked by the caller).
+    Needs ``num_blocks * block_size < 2**31`` and 16-byte aligned caches (checked by the caller). Picks the kernel
+    by ``T`` alone (no look at the slots, so no device synchronisation).
     """
+    if key.shape[0] == 0:
+        return
+    launch = launch_tokens if key.shape[0] <= SCATTER_MAX_TOKENS else launch_tiles
+    launch(key, value, key_cache, value_cache, slot_mapping, fp8=fp8, k_scale=k_scale, v_scale=v_scale)
+
+
+def _common_args(key, value, value_cache, fp8, k_scale, v_scale):
+    """(kernel arguments after slot_mapping up to v_inv, vector_loads) shared by both write kernels."""
+    num_tokens, num_heads, head_size = key.shape
+    isz = key.dtype.itemsize
+    # 16-byte loads need every row start aligned; otherwise the kernels fall back to element loads.
+    aligned = all(p % 16 == 0 for p in (key.data.ptr, value.data.ptr, key.strides[0], value.strides[0]))
+    block_size = value_cache.shape[3]
+    # fp8 divides by the scale through a multiply by RN(1 / scale) plus an fma correction (see kv_cache.cu).
+    k_scale, v_scale = np.float32(k_scale), np.float32(v_scale)
+    return ((np.int64(key.strides[0] // isz), np.int64(value.strides[0] // isz), np.int32(num_tokens),
+             np.int32(num_heads), np.int32(head_size), np.int32(block_size),
+             np.int32(value_cache.shape[0] * block_size), k_scale, np.float32(1) / k_scale, v_scale,
+             np.float32(1) / v_scale), np.int32(aligned))
+
+
+def launch_tokens(key, value, key_cache, value_cache, slot_mapping, *, fp8: bool, k_scale: float,
+                  v_scale: float) -> None:
+    """reshape_and_cache_tokens: one thread per (token, 16-byte key cache chunk); ``T`` >= 1."""
     import cupy
 
     num_tokens, num_heads, head_size = key.shape
-    if num_tokens == 0:
-        return
-    isz = key.dtype.itemsize
-    key_stride, value_stride = key.strides[0] // isz, value.strides[0] // isz
-    # 16-byte loads need every row start aligned; otherwise the kernel falls back to element loads.
-    aligned = all(p % 16 == 0 for p in (key.data.ptr, value.data.ptr, key.strides[0], value.strides[0]))
+    args, aligned = _common_args(key, value, value_cache, fp8, k_scale, v_scale)
+    kernel = _function(_write_name("reshape_and_cache_tokens", key.dtype, fp8, slot_mapping.dtype),
+                       cupy.cuda.runtime.getDevice())
+    items = num_tokens * (num_heads * head_size // (16 if fp8 else 8))
+    kernel((-(-items // _THREADS),), (_THREADS,),
+           (key, value, key_cache, value_cache, slot_mapping, *args, aligned))
+
+
+def launch_tiles(key, value, key_cache, value_cache, slot_mapping, *, fp8: bool, k_scale: float,
+                 v_scale: float) -> None:
+    """reshape_and_cache: persistent CTAs over 16-token tiles; ``T`` >= 1."""
+    import cupy
+
+    num_tokens, num_heads, head_size = key.shape
+    args, aligned = _common_args(key, value, value_cache, fp8, k_scale, v_scale)
     block_size = value_cache.shape[3]
-    num_slots = value_cache.shape[0] * block_size
     # Whole 8-slot value row segments are single 16-byte (fp8: 8-byte) stores when they are aligned.
     vector_rows = block_size % 8 == 0 and value_cache.data.ptr % (8 * value_cache.itemsize) == 0
-    name = _write_name(key.dtype, fp8, slot_mapping.dtype)
-    kernel = _kernels.get_function(SOURCE.filename, name)
+    name = _write_name("reshape_and_cache", key.dtype, fp8, slot_mapping.dtype)
+    device_id = cupy.cuda.runtime.getDevice()
+    kernel = _function(name, device_id)
     tiles = -(-num_tokens // TILE_TOKENS)
-    resident = _resident_ctas(name, cupy.cuda.Device().id)
-    # Too few tiles to fill the GPU (decode batches): split each tile's chunks into `parts` ranges, down to 16 key
-    # chunks (one round of 256 threads for two halves) per part.
+    resident = _resident_ctas(name, device_id)
+    # Too few tiles to fill the GPU: split each tile's chunks into `parts` ranges, down to 16 key chunks (one round
+    # of 256 threads for two halves) per part.
     key_chunks = num_heads * head_size // (16 if fp8 else 8)
     parts = 1
     while tiles * parts < resident and key_chunks % (2 * parts) == 0 and key_chunks // (2 * parts) >= 16:
         parts *= 2
     grid = min(tiles * parts, resident)
-    # fp8 divides by the scale through a multiply by RN(1 / scale) plus an fma correction (see kv_cache.cu).
-    k_scale, v_scale = np.float32(k_scale), np.float32(v_scale)
     kernel((grid,), (_THREADS,),
-           (key, value, key_cache, value_cache, slot_mapping, np.int64(key_stride), np.int64(value_stride),
-            np.int32(num_tokens), np.int32(num_heads), np.int32(head_size), np.int32(block_size),
-            np.int32(num_slots), k_scale, np.float32(1) / k_scale, v_scale, np.float32(1) / v_scale,
-            np.int32(aligned), np.int32(vector_rows), np.int32(parts)))
+           (key, value, key_cache, value_cache, slot_mapping, *args, aligned, np.int32(vector_rows),
+            np.int32(parts)))
 
 
 def copy_blocks(kv_caches, pairs: np.ndarray) -> None:

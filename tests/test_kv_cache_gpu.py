@@ -1,12 +1,13 @@
 """Paged KV cache on CuPy: the CUDA write / copy_blocks kernels and swap_blocks, bit-exact against the oracles of
-tests/test_kv_cache.py (flat-index writer, independent E4M3 rounding) and the NumPy path."""
+tests/test_kv_cache.py (flat-index writer, independent E4M3 rounding) and the NumPy path. The write tests run on
+both write kernels (the library picks one by batch size; the ``write_kernel`` fixture forces each)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from cubsattn import PagedAttention
+from cubsattn import PagedAttention, _cache_cuda
 from cubsattn import kv_cache as kvc
 from test_kv_cache import (BF16, FP16, bits, e4m3_decode_reference, e4m3_reference, oracle_write, poisoned_cache,
                            random_caches, random_slots)
@@ -26,6 +27,13 @@ def cp():
     return pytest.importorskip("cupy")
 
 
+@pytest.fixture(params=["tiles", "tokens"])
+def write_kernel(request, monkeypatch):
+    """Send every write to one kernel: the tile walker ("tiles") or the per-token scatter ("tokens")."""
+    monkeypatch.setattr(_cache_cuda, "SCATTER_MAX_TOKENS", 0 if request.param == "tiles" else 2**31)
+    return request.param
+
+
 def gpu_write(cp, key, value, kv_host, slots, h, d, *, kv_cache_dtype="auto", k_scale=1.0, v_scale=1.0, **kw):
     """Copy the (poisoned) host cache to the device, write there, return the result on the host."""
     kv = cp.asarray(kv_host)
@@ -37,7 +45,7 @@ def gpu_write(cp, key, value, kv_host, slots, h, d, *, kv_cache_dtype="auto", k_
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 @pytest.mark.parametrize("slot_dtype", [np.int64, np.int32])
-def test_write_matches_oracle(cp, rng, dtype, case, slot_dtype):
+def test_write_matches_oracle(cp, write_kernel, rng, dtype, case, slot_dtype):
     t, h, d, bs, nb = case
     key = rng.standard_normal((t, h, d)).astype(dtype)
     value = rng.standard_normal((t, h, d)).astype(dtype)
@@ -51,7 +59,7 @@ def test_write_matches_oracle(cp, rng, dtype, case, slot_dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", [c for c in CASES if c[2] % 16 == 0], ids=[i for c, i in zip(CASES, CASE_IDS)
                                                                           if c[2] % 16 == 0])
-def test_write_fp8_matches_oracle(cp, rng, dtype, case):
+def test_write_fp8_matches_oracle(cp, write_kernel, rng, dtype, case):
     t, h, d, bs, nb = case
     key = (rng.standard_normal((t, h, d)) * 2).astype(dtype)
     value = (rng.standard_normal((t, h, d)) * 200).astype(dtype)  # saturates at 448 * 0.25
@@ -65,7 +73,7 @@ def test_write_fp8_matches_oracle(cp, rng, dtype, case):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("scale", [1.0, 0.37, 2.0**-7])
-def test_fp8_every_16bit_input(cp, dtype, scale):
+def test_fp8_every_16bit_input(cp, write_kernel, dtype, scale):
     """All 65536 fp16 / bf16 bit patterns through the CUDA quantiser: saturation, subnormals, ties, +-0, inf, NaN."""
     x = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(dtype).reshape(512, 1, 128)
     kv = poisoned_cache(32, 16, 1, 128, np.uint8)
@@ -101,7 +109,7 @@ PREFILL = [(16, (64, 40, 3, 77), (0, 0, 5, 13)), (8, (33, 16, 50), (4, 0, 1)), (
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("prefill", PREFILL, ids=[f"bs{p[0]}" for p in PREFILL])
 @pytest.mark.parametrize("kv_cache_dtype", ["auto", "fp8"])
-def test_write_prefill_runs(cp, rng, dtype, prefill, kv_cache_dtype):
+def test_write_prefill_runs(cp, write_kernel, rng, dtype, prefill, kv_cache_dtype):
     bs, seq_lens, contexts = prefill
     h, d, nb = 3, 64, 64
     fp8 = kv_cache_dtype == "fp8"
@@ -118,7 +126,7 @@ def test_write_prefill_runs(cp, rng, dtype, prefill, kv_cache_dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_fp8_many_scales_every_16bit_input(cp, rng, dtype):
+def test_fp8_many_scales_every_16bit_input(cp, write_kernel, rng, dtype):
     """The division-free quantiser against the NumPy one (IEEE division) over every 16-bit input for random scales
     across the whole allowed range [2**-64, 2**64], its ends, and significands 1 and 2 - 2**-23."""
     x = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(dtype).reshape(512, 1, 128)
@@ -159,7 +167,44 @@ def test_gather_kv_cupy_equals_numpy(cp, rng, kv_cache_dtype):
         kvc.gather_kv(kc_d, vc_d, cp.asarray([0, 10]), 17, kv_cache_dtype=kv_cache_dtype)
 
 
-def test_write_strided_and_misaligned(cp, rng):
+def lone_tile_slots(rng, block_size, num_blocks):
+    """64 tokens (4 tiles of 16) mixing single tokens alone in their blocks (decode-like: the tile kernel's lone
+    tiles) with runs of consecutive slots: tile 0 ends with a run that continues into tile 1 (whose other tokens
+    are alone), tile 2 is alone tokens and padding, tile 3 mixes pairs and alone tokens."""
+    perm = iter(rng.permutation(num_blocks).tolist())
+
+    def alone():
+        return next(perm) * block_size + int(rng.integers(0, block_size))
+
+    slots = [alone() for _ in range(12)]
+    b = next(perm) * block_size
+    slots += [b + i for i in range(7)]                       # tokens 12..18: one run across the tile boundary
+    slots += [alone() if i % 4 else -1 for i in range(32 - len(slots) + 16)]  # rest of tile 1, tile 2
+    b = next(perm) * block_size
+    slots += [b + 2, b + 3, alone(), alone(), b + 9, b + 10, b + 11] + [alone() for _ in range(9)]
+    return np.array(slots, dtype=np.int64)
+
+
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "fp8"])
+@pytest.mark.parametrize("block_size", [16, 32])
+def test_write_lone_tokens(cp, rng, write_kernel, kv_cache_dtype, block_size):
+    """Decode-like writes (every token alone in its block) next to runs, in one launch; and a full decode batch."""
+    h, d, nb = 2, 128, 80
+    fp8 = kv_cache_dtype == "fp8"
+    for slots in (lone_tile_slots(rng, block_size, nb),
+                  rng.permutation(nb)[:70] * block_size + rng.integers(0, block_size, 70)):
+        t = slots.size
+        key = (rng.standard_normal((t, h, d)) * 3).astype(BF16)
+        value = (rng.standard_normal((t, h, d)) * 3).astype(BF16)
+        kv = poisoned_cache(nb, block_size, h, d, np.uint8 if fp8 else BF16)
+        got = gpu_write(cp, cp.asarray(key), cp.asarray(value), kv, slots, h, d, kv_cache_dtype=kv_cache_dtype,
+                        k_scale=0.3, v_scale=0.6)
+        want = oracle_write(kv.reshape(2, -1), key, value, slots, block_size=block_size, fp8=fp8, k_scale=0.3,
+                            v_scale=0.6)
+        np.testing.assert_array_equal(bits(got.reshape(2, -1)), bits(want))
+
+
+def test_write_strided_and_misaligned(cp, write_kernel, rng):
     """Fused qkv slices (16-byte aligned rows) and a token stride of h*d + 3 elements (element-load fallback)."""
     t, hq, h, d, bs, nb = 45, 4, 2, 64, 16, 4
     qkv = rng.standard_normal((t, hq + 2 * h, d)).astype(BF16)
@@ -196,7 +241,7 @@ def test_write_large_matches_numpy_path(cp, rng):
         np.testing.assert_array_equal(bits(kv_gpu), bits(kv_cpu))
 
 
-def test_write_check_slots_false_skips_out_of_range(cp, rng):
+def test_write_check_slots_false_skips_out_of_range(cp, write_kernel, rng):
     t, h, d, bs, nb = 40, 2, 64, 16, 4
     key = cp.asarray(rng.standard_normal((t, h, d)).astype(FP16))
     slots = random_slots(rng, t, nb * bs)
