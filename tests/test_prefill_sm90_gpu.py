@@ -107,6 +107,20 @@ def test_custom_mask_empty_rows_are_zero(cp, rng):
     check_against_oracle(gpu, q, k, v, cu_q, cu_k, layout, mask, 64, None)
 
 
+def test_one_warpgroup_skips_long_runs(cp, rng):
+    """Block 64: even CSR rows (first consumer warpgroup) hold columns 0 and the diagonal, odd rows are dense, so
+    one warpgroup skips long runs of key tiles between two active ones (a pending P V must not hold its stage)."""
+    nb = 24
+    mask = np.tril(np.ones((2, nb, nb), bool))
+    mask[:, 0::2, 1:] = False
+    idx = np.arange(nb)
+    mask[:, idx, idx] = True
+    layout = BlockSparseLayout.from_mask(mask, 64)
+    q, k, v, cu_q, cu_k = make_inputs(rng, [nb * 64, 700], [nb * 64, 900], 2, 1, 128, BF16)
+    gpu = run_sm90(cp, q, k, v, cu_q, cu_k, layout, None)
+    check_against_oracle(gpu, q, k, v, cu_q, cu_k, layout, mask, 64, None)
+
+
 # ---- properties -----------------------------------------------------------------------------------------------
 
 def test_deterministic(cp, rng):
