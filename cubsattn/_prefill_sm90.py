@@ -106,15 +106,12 @@ def prefill(q, k, v, cu_q: np.ndarray, cu_k: np.ndarray, layout: BlockSparseLayo
         strides[0] = _prefill_cuda._element_strides("q", q)
     scale_log2 = np.float32(abs(scale) * math.log2(math.e) if scale != 0 else 1e-30)
     (q_tok, q_head), (k_tok, k_head), (v_tok, v_head), (o_tok, o_head) = strides
-    num_items = num_tiles * num_heads
-    # Persistent grid, one CTA per SM (its shared memory and registers fill one): the producer loads the next
-    # item's first K/V tiles while the consumers finish the current one.
-    kernel((min(num_items, _kernels.num_sms()),), (THREADS,),
+    kernel((num_tiles * num_heads,), (THREADS,),
            (q, np.int64(q_tok), np.int32(q_head),
             k, np.int64(k_tok), np.int32(k_head),
             v, np.int64(v_tok), np.int32(v_head),
             out, np.int64(o_tok), np.int32(o_head),
-            tiles, dev_cu_q, dev_cu_k, indptr, indices, np.int32(num_items),
+            tiles, dev_cu_q, dev_cu_k, indptr, indices,
             np.int32(num_heads), np.int32(num_heads // num_kv_heads), np.int32(layout.num_blocks),
             np.int32(indices.shape[1]), np.int32(block_size), scale_log2),
            shared_mem=smem)

@@ -2,8 +2,8 @@
 // accumulate, K/V tiles in 128-byte-swizzled shared memory filled by a producer warpgroup (cp.async, mbarriers),
 // fp32 online softmax in base 2. Same semantics as prefill.cu (queries are the last q_len key positions).
 // q [T_q, H_q, D], k/v [T_k, H_kv, D], out [T_q, H_q, D]: last dim contiguous, token/head strides in elements.
-// Grid: persistent, one CTA per SM walking (128-row query tile, q head) items; warpgroup 0 loads K/V, warpgroups
-// 1 and 2 each own 64 query rows of the item (Q in registers) and consume every key tile of the stage ring.
+// Grid: one CTA per (128-row query tile, q head), blockIdx.x = tile_rank * H_q + head; warpgroup 0 loads K/V,
+// warpgroups 1 and 2 each own 64 query rows (Q in registers) and consume every key tile of the stage ring.
 #include "common.cuh"
 
 namespace cubsattn {
@@ -57,9 +57,7 @@ __device__ __forceinline__ void mbar_wait(unsigned bar, unsigned parity) {
 
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
-template <int N> __device__ __forceinline__ void wgmma_wait() {
-  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
-}
+__device__ __forceinline__ void wgmma_wait_all() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
 
 // Shared-memory matrix descriptor, 128-byte swizzle (PTX ISA "Matrix Descriptor Format"): start address, leading
 // and stride byte offsets, each >> 4, in bits 0-13, 16-29, 32-45; swizzle mode 1 in bits 62-63. Every operand
@@ -194,271 +192,140 @@ struct KeyWalk {
 };
 
 // ---------------------------------------------------------------------------------------------------------------
-// The launch's arguments, and one work item: a (128-row query tile, q head) pair of the heaviest-first schedule.
-
-template <typename T> struct Problem {
-  const T* q; long long q_tok; int q_head;  // [T_q, H_q, D]
-  const T* k; long long k_tok; int k_head;  // [T_k, H_kv, D]
-  const T* v; long long v_tok; int v_head;  // [T_k, H_kv, D]
-  T* out; long long o_tok; int o_head;      // [T_q, H_q, D]
-  const int* tiles;                         // [num_tiles, 2]: (sequence, first absolute position)
-  const int* cu_q;                          // [batch + 1]
-  const int* cu_k;                          // [batch + 1]
-  const int* indptr;                        // [H_q, NB + 1]
-  const int* indices;                       // [H_q, nnz_stride]
-  int num_heads, group, num_blocks, nnz_stride, block_size;
-  float scale_log2;
-};
-
-struct Item {
-  int head, tile_start, q_start, k_start, k_len, past;
-  int pos_lo, pos_hi;  // the tile's query positions [pos_lo, pos_hi)
-};
-
-template <typename T> __device__ __forceinline__ Item make_item(const Problem<T>& p, int item) {
-  Item it;
-  it.head = item % p.num_heads;
-  const int tile = item / p.num_heads;
-  const int seq = p.tiles[2 * tile];
-  it.tile_start = p.tiles[2 * tile + 1];
-  it.q_start = p.cu_q[seq];
-  const int q_len = p.cu_q[seq + 1] - it.q_start;
-  it.k_start = p.cu_k[seq];
-  it.k_len = p.cu_k[seq + 1] - it.k_start;
-  it.past = it.k_len - q_len;  // queries are the last q_len key positions
-  it.pos_lo = max(it.tile_start, it.past);
-  it.pos_hi = min(it.tile_start + BLOCK_M, it.k_len);
-  return it;
-}
-
-// ---------------------------------------------------------------------------------------------------------------
 // Producer warpgroup: all 128 threads copy K/V tiles into the ring. A stage is published (full barrier, count 128)
 // one tile late: each thread waits for its own copies of the previous tile, fences them into the async proxy and
 // arrives, so two tiles are in flight per thread. A final stage with n0 = -1 tells the consumers to stop.
 
 template <typename T, int HEAD_DIM, int STAGES>
-__device__ __forceinline__ void produce(unsigned char* smem, const Problem<T>& p, int num_items) {
+__device__ __forceinline__ void produce(unsigned char* smem, const T* __restrict__ k, long long k_tok, int k_head,
+                                        const T* __restrict__ v, long long v_tok, int v_head, int k_start,
+                                        int k_len, int kv_head, KeyWalk walk) {
   using L = Layout<HEAD_DIM, STAGES>;
   constexpr int CHUNKS = HEAD_DIM / 8;
   const int ptid = threadIdx.x;  // 0..127
   const unsigned base = smem_addr(smem);
-  const unsigned full_bar = base + L::BAR_OFF, empty_bar = base + L::BAR_OFF + STAGES * 8;
   int2* info = reinterpret_cast<int2*>(smem + L::INFO_OFF);
+  const T* k_base = k + (long long)k_start * k_tok + (long long)kv_head * k_head;
+  const T* v_base = v + (long long)k_start * v_tok + (long long)kv_head * v_head;
 
-  int it = 0;  // tiles (and end markers) put into the ring so far, over all items: stage = it % STAGES
-  for (int item = blockIdx.x; item < num_items; item += gridDim.x) {
-    const Item w = make_item(p, item);
-    const int kv_head = w.head / p.group;
-    const T* k_base = p.k + (long long)w.k_start * p.k_tok + (long long)kv_head * p.k_head;
-    const T* v_base = p.v + (long long)w.k_start * p.v_tok + (long long)kv_head * p.v_head;
-
-    KeyWalk walk;
-    walk.cols = p.indices + (long long)w.head * p.nnz_stride;
-    walk.subs = p.block_size > BLOCK_N ? p.block_size / BLOCK_N : 1;
-    walk.sub = walk.subs;  // the first next() starts a column
-    walk.n0 = 0;
-    walk.mask = 0;
-    walk.block_size = p.block_size;
-    walk.pos_last = w.pos_hi - 1;
-    walk.ptr0 = walk.end0 = walk.ptr1 = walk.end1 = 0;
-    walk.col0 = walk.col1 = KeyWalk::NONE;
-    const int* row_ptr = p.indptr + (long long)w.head * (p.num_blocks + 1);
-    const int qb = w.tile_start / p.block_size;  // the tile's first CSR row; block 64 has a second one
-    if (qb < p.num_blocks && qb * p.block_size < w.pos_hi && (qb + 1) * p.block_size > w.pos_lo) {
-      walk.ptr0 = row_ptr[qb];
-      walk.end0 = row_ptr[qb + 1];
-      walk.col0 = walk.ptr0 < walk.end0 ? walk.cols[walk.ptr0] : KeyWalk::NONE;
-    }
-    if (BLOCK_M / p.block_size == 2 && qb + 1 < p.num_blocks && (qb + 1) * p.block_size < w.pos_hi &&
-        (qb + 2) * p.block_size > w.pos_lo) {
-      walk.ptr1 = row_ptr[qb + 1];
-      walk.end1 = row_ptr[qb + 2];
-      walk.col1 = walk.ptr1 < walk.end1 ? walk.cols[walk.ptr1] : KeyWalk::NONE;
-    }
-
-    const int first = it;
-    int n0, mask;
-    while (walk.next(n0, mask)) {
-      const int stage = it % STAGES;
-      mbar_wait(empty_bar + stage * 8, ((it / STAGES) & 1) ^ 1);  // consumers freed it
-      if (ptid == 0) info[stage] = make_int2(n0, mask);
-      const unsigned dk = base + L::K_OFF + stage * L::TILE_BYTES;
-      const unsigned dv = base + L::V_OFF + stage * L::TILE_BYTES;
+  int it = 0, n0, mask;
+  while (walk.next(n0, mask)) {
+    const int stage = it % STAGES;
+    mbar_wait(base + L::BAR_OFF + (STAGES + stage) * 8, ((it / STAGES) & 1) ^ 1);  // consumers freed it
+    if (ptid == 0) info[stage] = make_int2(n0, mask);
+    const unsigned dk = base + L::K_OFF + stage * L::TILE_BYTES;
+    const unsigned dv = base + L::V_OFF + stage * L::TILE_BYTES;
 #pragma unroll 4
-      for (int i = ptid; i < BLOCK_N * CHUNKS; i += 128) {
-        const int r = i / CHUNKS, c = i % CHUNKS, pos = n0 + r;
-        const bool valid = pos < w.k_len;  // keys past the sequence: zeros (their scores are masked causally)
-        const int off = swizzled(r, c);
-        cp_async_16(dk + off, valid ? k_base + (long long)pos * p.k_tok + c * 8 : p.k, valid);
-        cp_async_16(dv + off, valid ? v_base + (long long)pos * p.v_tok + c * 8 : p.v, valid);
-      }
-      cp_async_commit();
-      if (it > first) {
-        cp_async_wait<1>();
-        fence_proxy_async();
-        mbar_arrive(full_bar + ((it - 1) % STAGES) * 8);
-      }
-      ++it;
+    for (int i = ptid; i < BLOCK_N * CHUNKS; i += 128) {
+      const int r = i / CHUNKS, c = i % CHUNKS, pos = n0 + r;
+      const bool valid = pos < k_len;  // keys past the sequence: zeros (their scores are masked causally)
+      const int off = swizzled(r, c);
+      cp_async_16(dk + off, valid ? k_base + (long long)pos * k_tok + c * 8 : k, valid);
+      cp_async_16(dv + off, valid ? v_base + (long long)pos * v_tok + c * 8 : v, valid);
     }
-    if (it > first) {
-      cp_async_wait<0>();
+    cp_async_commit();
+    if (it > 0) {
+      cp_async_wait<1>();
       fence_proxy_async();
-      mbar_arrive(full_bar + ((it - 1) % STAGES) * 8);
+      mbar_arrive(base + L::BAR_OFF + ((it - 1) % STAGES) * 8);
     }
-    const int stage = it % STAGES;  // end of the item
-    mbar_wait(empty_bar + stage * 8, ((it / STAGES) & 1) ^ 1);
-    if (ptid == 0) info[stage] = make_int2(-1, 0);
-    mbar_arrive(full_bar + stage * 8);
     ++it;
   }
+  if (it > 0) {
+    cp_async_wait<0>();
+    fence_proxy_async();
+    mbar_arrive(base + L::BAR_OFF + ((it - 1) % STAGES) * 8);
+  }
+  const int stage = it % STAGES;
+  mbar_wait(base + L::BAR_OFF + (STAGES + stage) * 8, ((it / STAGES) & 1) ^ 1);
+  if (ptid == 0) info[stage] = make_int2(-1, 0);
+  mbar_arrive(base + L::BAR_OFF + stage * 8);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// Consumer warpgroup c (0 or 1): 64 query rows of each item, at absolute positions tile_start + 64 c + 0..63.
-
-struct Rows {
-  int pos[2];      // this thread's two rows (g and g + 8 of its warp's 16)
-  bool valid[2];   // ... are queries of the item
-  int lo, hi;      // the warpgroup's query positions [lo, hi)
-  int row_bit;     // the mask bit of the warpgroup's CSR row
-
-  __device__ __forceinline__ Rows(const Item& w, int c, int warp, int g, int block_size) {
-    const int row0 = w.tile_start + 64 * c;
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      pos[r] = row0 + warp * 16 + g + 8 * r;
-      valid[r] = pos[r] >= w.pos_lo && pos[r] < w.pos_hi;
-    }
-    lo = max(row0, w.pos_lo);
-    hi = min(row0 + 64, w.pos_hi);
-    row_bit = block_size == 64 ? c : 0;
-  }
-};
-
-// Q fragments straight from global memory into the wgmma A-operand register layout (rows g / g + 8, columns
-// 2 tq + {0, 1} and + 8): each Q element is read once, so no shared-memory staging.
-template <typename T, int HEAD_DIM>
-__device__ __forceinline__ void load_q(unsigned (&qf)[HEAD_DIM / 16][4], const Problem<T>& p, const Item& w,
-                                       const Rows& rows, int tq) {
-  const T* qrow[2];
-#pragma unroll
-  for (int r = 0; r < 2; ++r)
-    qrow[r] = p.q + (long long)(w.q_start + (rows.valid[r] ? rows.pos[r] - w.past : 0)) * p.q_tok +
-              (long long)w.head * p.q_head;
-#pragma unroll
-  for (int kk = 0; kk < HEAD_DIM / 16; ++kk) {
-    const int c = kk * 16 + 2 * tq;
-    qf[kk][0] = rows.valid[0] ? *reinterpret_cast<const unsigned*>(qrow[0] + c) : 0u;
-    qf[kk][1] = rows.valid[1] ? *reinterpret_cast<const unsigned*>(qrow[1] + c) : 0u;
-    qf[kk][2] = rows.valid[0] ? *reinterpret_cast<const unsigned*>(qrow[0] + c + 8) : 0u;
-    qf[kk][3] = rows.valid[1] ? *reinterpret_cast<const unsigned*>(qrow[1] + c + 8) : 0u;
-  }
-}
+// Consumer warpgroup: 64 query rows at absolute positions row0 .. row0 + 63.
 
 template <typename T, int HEAD_DIM, int STAGES>
-__device__ __forceinline__ void consume(unsigned char* smem, const Problem<T>& p, int num_items, int c) {
+__device__ __forceinline__ void consume(unsigned char* smem, const T* __restrict__ q, long long q_tok,
+                                        int q_head, T* __restrict__ out, long long o_tok, int o_head, int head,
+                                        int q_start, int past, int row0, int pos_lo, int pos_hi, int row_bit,
+                                        float scale_log2) {
   using L = Layout<HEAD_DIM, STAGES>;
   constexpr int KT = HEAD_DIM / 16;  // k-steps of Q K^T
   constexpr int DB = HEAD_DIM / 64;  // 64-column output slabs
-  static_assert(STAGES >= 3, "a warpgroup holds up to two stages (pending P V + current tile)");
   const int tid = threadIdx.x & 127, warp = tid >> 5, lane = tid & 31;
   const int g = lane >> 2, tq = lane & 3;
   const unsigned base = smem_addr(smem);
-  const unsigned empty_bar = base + L::BAR_OFF + STAGES * 8;
   const int2* info = reinterpret_cast<const int2*>(smem + L::INFO_OFF);
-  const float scale_log2 = p.scale_log2;
 
+  // This thread's two rows (g and g + 8 of its warp's 16) and whether they are queries of this tile.
+  int pos[2];
+  bool valid[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    pos[r] = row0 + warp * 16 + g + 8 * r;
+    valid[r] = pos[r] >= pos_lo && pos[r] < pos_hi;
+  }
+  const int wg_lo = max(row0, pos_lo), wg_hi = min(row0 + 64, pos_hi);  // valid rows of this warpgroup
+
+  // Q fragments straight from global memory into the wgmma A-operand register layout (rows g / g + 8, columns
+  // 2 tq + {0, 1} and + 8): each Q element is read once per CTA, so no shared-memory staging.
   unsigned qf[KT][4];
-  int item = blockIdx.x;
-  Item w = make_item(p, item);
-  Rows rows(w, c, warp, g, p.block_size);
-  load_q<T, HEAD_DIM>(qf, p, w, rows, tq);
-  int it = 0;  // ring position, in step with the producer
-  for (;;) {  // items
-    float acc[DB][32];
+  {
+    const T* qrow[2];
 #pragma unroll
-    for (int b = 0; b < DB; ++b)
+    for (int r = 0; r < 2; ++r)
+      qrow[r] = q + (long long)(q_start + (valid[r] ? pos[r] - past : 0)) * q_tok + (long long)head * q_head;
 #pragma unroll
-      for (int i = 0; i < 32; ++i) acc[b][i] = 0.f;
-    float row_max[2] = {NEG_INF, NEG_INF}, row_sum[2] = {0.f, 0.f};
+    for (int kk = 0; kk < KT; ++kk) {
+      const int c = kk * 16 + 2 * tq;
+      qf[kk][0] = valid[0] ? *reinterpret_cast<const unsigned*>(qrow[0] + c) : 0u;
+      qf[kk][1] = valid[1] ? *reinterpret_cast<const unsigned*>(qrow[1] + c) : 0u;
+      qf[kk][2] = valid[0] ? *reinterpret_cast<const unsigned*>(qrow[0] + c + 8) : 0u;
+      qf[kk][3] = valid[1] ? *reinterpret_cast<const unsigned*>(qrow[1] + c + 8) : 0u;
+    }
+  }
 
-    // Software pipeline over this warpgroup's active tiles: P V of the previous active tile runs on the tensor cores
-    // while the softmax of the current one runs on the ALUs; its stage is released (and O rescaled) once it is
-    // done. Before the first active tile P is zero (P V on the current stage adds nothing), so every active tile
-    // issues the same wgmma sequence. A skipped tile or the item's end first flushes the pending P V, so a
-    // warpgroup never holds more than two stages (the producer needs the third to publish a tile).
-    unsigned pf[4][4];  // P of the pending tile (zero when none), rounded to T: the register A operand of P V
+  float acc[DB][32];
 #pragma unroll
-    for (int kk = 0; kk < 4; ++kk) pf[kk][0] = pf[kk][1] = pf[kk][2] = pf[kk][3] = 0u;
-    int pending = -1;  // stage of the tile whose P V is not issued yet, or -1
-    auto issue_pv = [&](int pv_stage) {
-      const unsigned v_tile = base + L::V_OFF + pv_stage * L::TILE_BYTES;
-      // V is read N-major, one 64-column slab per wgmma (leading byte offset = slab stride, stride byte offset =
-      // 8 keys); 16-key step kk starts 16 rows further.
+  for (int b = 0; b < DB; ++b)
 #pragma unroll
-      for (int b = 0; b < DB; ++b)
-#pragma unroll
-        for (int kk = 0; kk < 4; ++kk)
-          Wgmma<T, 1>::run(acc[b], pf[kk],
-                           smem_desc(v_tile + b * L::SLAB_BYTES + kk * 16 * 128, L::SLAB_BYTES, 1024), 1);
-      wgmma_commit();
-    };
-    auto release = [&](int st) {  // this warp is done with stage st
-      __syncwarp();
-      if (lane == 0) mbar_arrive(empty_bar + st * 8);
-    };
-    auto flush = [&]() {
-      if (pending >= 0) {
-        wgmma_fence();
-        issue_pv(pending);
-        wgmma_wait<0>();
-        release(pending);
-        pending = -1;
-#pragma unroll
-        for (int kk = 0; kk < 4; ++kk) pf[kk][0] = pf[kk][1] = pf[kk][2] = pf[kk][3] = 0u;
-      }
-    };
+    for (int i = 0; i < 32; ++i) acc[b][i] = 0.f;
+  float row_max[2] = {NEG_INF, NEG_INF}, row_sum[2] = {0.f, 0.f};
 
-    for (;; ++it) {
-      const int stage = it % STAGES;
-      mbar_wait(base + L::BAR_OFF + stage * 8, (it / STAGES) & 1);
-      const int2 tile = info[stage];
-      const int n0 = tile.x;
-      // Skip tiles outside this warpgroup's CSR row, entirely after its last query, or when it has no queries; the
-      // item's end marker (n0 < 0) is released the same way.
-      if (n0 < 0 || !(((tile.y >> rows.row_bit) & 1) && rows.lo < rows.hi && n0 < rows.hi)) {
-        flush();
-        release(stage);
-        if (n0 < 0) {
-          ++it;
-          break;
-        }
-        continue;
-      }
+  for (int it = 0;; ++it) {
+    const int stage = it % STAGES;
+    mbar_wait(base + L::BAR_OFF + stage * 8, (it / STAGES) & 1);
+    const int2 tile = info[stage];
+    if (tile.x < 0) break;
+    const int n0 = tile.x;
+    // Skip tiles outside this warpgroup's CSR row, entirely after its last query, or when it has no queries.
+    if (((tile.y >> row_bit) & 1) && wg_lo < wg_hi && n0 < wg_hi) {
       const unsigned k_tile = base + L::K_OFF + stage * L::TILE_BYTES;
+      const unsigned v_tile = base + L::V_OFF + stage * L::TILE_BYTES;
 
-      // S = Q K^T (K-major B operand; k-step kk reads 32 bytes further into slab kk / 4), then the pending P V.
+      // S = Q K^T: K-major B operand; k-step kk reads 32 bytes further into slab kk / 4.
       float s[32];
       wgmma_fence();
 #pragma unroll
       for (int kk = 0; kk < KT; ++kk)
-        Wgmma<T, 0>::run(s, qf[kk], smem_desc(k_tile + (kk >> 2) * L::SLAB_BYTES + (kk & 3) * 32, 16, 1024), kk > 0);
+        Wgmma<T, 0>::run(s, qf[kk], smem_desc(k_tile + (kk >> 2) * L::SLAB_BYTES + (kk & 3) * 32, 16, 1024),
+                         kk > 0);
       wgmma_commit();
-      issue_pv(pending >= 0 ? pending : stage);
-      wgmma_wait<1>();  // S is ready; P V may still run
+      wgmma_wait_all();
 
       // Causal mask where a key can follow a row (the diagonal block and keys past the sequence, which are > every
       // query position). Scores stay unscaled: scale_log2 > 0 keeps -inf and the row maximum.
-      if (n0 + BLOCK_N - 1 > rows.pos[0] - g) {
+      if (n0 + BLOCK_N - 1 > row0 + warp * 16) {
 #pragma unroll
         for (int j = 0; j < 8; ++j)
 #pragma unroll
           for (int e = 0; e < 4; ++e)
-            if (n0 + j * 8 + 2 * tq + (e & 1) > rows.pos[e >> 1]) s[j * 4 + e] = NEG_INF;
+            if (n0 + j * 8 + 2 * tq + (e & 1) > pos[e >> 1]) s[j * 4 + e] = NEG_INF;
       }
 
-      // Online softmax in base 2: p = 2^(s * scale_log2 - max * scale_log2), one FFMA and one EX2 per score; the 4
-      // lanes of a quad share a row.
+      // Online softmax in base 2: p = 2^(s * scale_log2 - max * scale_log2), one FFMA and one EX2 per score; the
+      // 4 lanes of a quad share a row.
       float scale_old[2];
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
@@ -479,10 +346,6 @@ __device__ __forceinline__ void consume(unsigned char* smem, const Problem<T>& p
         }
         row_sum[r] = row_sum[r] * scale_old[r] + sum;  // per-lane partial; quad-reduced at the end
       }
-
-      wgmma_wait<0>();  // the previous P V is done: its stage is free and O may be rescaled
-      if (pending >= 0) release(pending);
-      // Unconditional rescale: a warp-dependent branch here makes ptxas serialise every wgmma (C7520).
 #pragma unroll
       for (int b = 0; b < DB; ++b)
 #pragma unroll
@@ -492,7 +355,11 @@ __device__ __forceinline__ void consume(unsigned char* smem, const Problem<T>& p
           acc[b][j * 4 + 2] *= scale_old[1];
           acc[b][j * 4 + 3] *= scale_old[1];
         }
-      // P rounded to T: the accumulator layout of two adjacent 8-key column groups is the A layout of one 16-key step.
+
+      // O += P V: the probabilities, rounded to T, are the register A operand (the accumulator layout of two
+      // adjacent 8-key column groups is the A layout of one 16-key step); V is read N-major, one 64-column slab
+      // per wgmma (leading byte offset = slab stride, stride byte offset = 8 keys).
+      unsigned pf[4][4];
 #pragma unroll
       for (int kk = 0; kk < 4; ++kk) {
         pf[kk][0] = pack2<T>(s[8 * kk + 0], s[8 * kk + 1]);
@@ -500,40 +367,39 @@ __device__ __forceinline__ void consume(unsigned char* smem, const Problem<T>& p
         pf[kk][2] = pack2<T>(s[8 * kk + 4], s[8 * kk + 5]);
         pf[kk][3] = pack2<T>(s[8 * kk + 6], s[8 * kk + 7]);
       }
-      pending = stage;
-    }
-
-    // Epilogue: normalise and store each row's column pairs (an empty CSR row outputs zeros). The next item's Q
-    // loads are issued first, so their latency overlaps the stores.
-    float inv[2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      float l = row_sum[r];
-      l += __shfl_xor_sync(0xffffffffu, l, 1);
-      l += __shfl_xor_sync(0xffffffffu, l, 2);
-      inv[r] = l > 0.f ? 1.f / l : 0.f;
-    }
-    const Item done = w;
-    const Rows done_rows = rows;
-    item += gridDim.x;
-    if (item < num_items) {
-      w = make_item(p, item);
-      rows = Rows(w, c, warp, g, p.block_size);
-      load_q<T, HEAD_DIM>(qf, p, w, rows, tq);
-    }
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      if (!done_rows.valid[r]) continue;
-      T* orow = p.out + (long long)(done.q_start + done_rows.pos[r] - done.past) * p.o_tok +
-                (long long)done.head * p.o_head;
+      wgmma_fence();
 #pragma unroll
       for (int b = 0; b < DB; ++b)
 #pragma unroll
-        for (int j = 0; j < 8; ++j)
-          *reinterpret_cast<unsigned*>(orow + b * 64 + j * 8 + 2 * tq) =
-              pack2<T>(acc[b][j * 4 + 2 * r] * inv[r], acc[b][j * 4 + 2 * r + 1] * inv[r]);
+        for (int kk = 0; kk < 4; ++kk)
+          Wgmma<T, 1>::run(acc[b], pf[kk], smem_desc(v_tile + b * L::SLAB_BYTES + kk * 16 * 128, L::SLAB_BYTES, 1024),
+                           1);
+      wgmma_commit();
+      wgmma_wait_all();
     }
-    if (item >= num_items) return;
+    __syncwarp();
+    if (lane == 0) mbar_arrive(base + L::BAR_OFF + (STAGES + stage) * 8);  // this warp is done with the stage
+  }
+
+  // Epilogue: normalise and store each row's column pairs (an empty CSR row outputs zeros).
+  float inv[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float l = row_sum[r];
+    l += __shfl_xor_sync(0xffffffffu, l, 1);
+    l += __shfl_xor_sync(0xffffffffu, l, 2);
+    inv[r] = l > 0.f ? 1.f / l : 0.f;
+  }
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    if (!valid[r]) continue;
+    T* orow = out + (long long)(q_start + pos[r] - past) * o_tok + (long long)head * o_head;
+#pragma unroll
+    for (int b = 0; b < DB; ++b)
+#pragma unroll
+      for (int j = 0; j < 8; ++j)
+        *reinterpret_cast<unsigned*>(orow + b * 64 + j * 8 + 2 * tq) =
+            pack2<T>(acc[b][j * 4 + 2 * r] * inv[r], acc[b][j * 4 + 2 * r + 1] * inv[r]);
   }
 }
 
@@ -541,9 +407,8 @@ __device__ __forceinline__ void consume(unsigned char* smem, const Problem<T>& p
 }  // namespace cubsattn
 
 // ---------------------------------------------------------------------------------------------------------------
-// Entry point (persistent): min(items, SMs) CTAs of 384 threads; CTA b runs items b, b + gridDim.x, ... of the
-// heaviest-first schedule (item = tile_rank * H_q + head). Dynamic shared memory Layout<HEAD_DIM, STAGES>::ALLOC
-// bytes (mirrored by cubsattn/_prefill_sm90.py::smem_bytes).
+// Entry point: 384 threads, dynamic shared memory Layout<HEAD_DIM, STAGES>::ALLOC bytes (mirrored by
+// cubsattn/_prefill_sm90.py::smem_bytes).
 
 template <typename T, int HEAD_DIM, int STAGES>
 __global__ void __launch_bounds__(cubsattn::sm90::THREADS, 1) blocksparse_prefill_sm90(
@@ -554,14 +419,20 @@ __global__ void __launch_bounds__(cubsattn::sm90::THREADS, 1) blocksparse_prefil
     const int* __restrict__ tiles,                             // [num_tiles, 2]: (sequence, first position)
     const int* __restrict__ cu_q, const int* __restrict__ cu_k,  // [batch + 1] each
     const int* __restrict__ indptr, const int* __restrict__ indices,  // [H_q, NB + 1], [H_q, nnz_stride]
-    int num_items, int num_heads, int group, int num_blocks, int nnz_stride, int block_size, float scale_log2) {
+    int num_heads, int group, int num_blocks, int nnz_stride, int block_size, float scale_log2) {
   using namespace cubsattn::sm90;
   using L = Layout<HEAD_DIM, STAGES>;
   static_assert(HEAD_DIM % 64 == 0, "HEAD_DIM must be a multiple of 64 (128-byte swizzle slabs)");
   extern __shared__ unsigned char smem_raw[];
   unsigned char* smem = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
-  const Problem<T> p{q, q_tok, q_head, k, k_tok, k_head, v, v_tok, v_head, out, o_tok, o_head, tiles, cu_q, cu_k,
-                     indptr, indices, num_heads, group, num_blocks, nnz_stride, block_size, scale_log2};
+
+  const int head = blockIdx.x % num_heads;
+  const int tile = blockIdx.x / num_heads;
+  const int seq = tiles[2 * tile], tile_start = tiles[2 * tile + 1];
+  const int q_start = cu_q[seq], q_len = cu_q[seq + 1] - q_start;
+  const int k_start = cu_k[seq], k_len = cu_k[seq + 1] - k_start;
+  const int past = k_len - q_len;  // queries are the last q_len key positions
+  const int pos_lo = max(tile_start, past), pos_hi = min(tile_start + BLOCK_M, k_len);  // valid rows [lo, hi)
 
   if (threadIdx.x == 0) {
     const unsigned bars = smem_addr(smem + L::BAR_OFF);
@@ -572,14 +443,39 @@ __global__ void __launch_bounds__(cubsattn::sm90::THREADS, 1) blocksparse_prefil
   }
   __syncthreads();
 
-  // Registers: 384 threads leave 168 each; the producer gives some to the consumers, whose pipelined loop holds
-  // S, P, O and Q fragments (56 * 128 + 224 * 256 <= 65536).
+  // No setmaxnreg: the consumers fit in the 168 registers per thread that 384 threads leave (ptxas: 165 for
+  // D = 128, no spills), so moving registers away from the producer would buy nothing.
   const int wg = threadIdx.x / 128;
   if (wg == 0) {
-    asm volatile("setmaxnreg.dec.sync.aligned.u32 56;\n");
-    produce<T, HEAD_DIM, STAGES>(smem, p, num_items);
+    KeyWalk walk;
+    walk.cols = indices + (long long)head * nnz_stride;
+    walk.subs = block_size > BLOCK_N ? block_size / BLOCK_N : 1;
+    walk.sub = walk.subs;  // the first next() starts a column
+    walk.n0 = 0;
+    walk.mask = 0;
+    walk.block_size = block_size;
+    walk.pos_last = pos_hi - 1;
+    const int rows = BLOCK_M / block_size;  // 2 (block 64) or 1 (block 128)
+    const int* row_ptr = indptr + (long long)head * (num_blocks + 1);
+    int qb = tile_start / block_size;
+    walk.ptr0 = walk.end0 = walk.ptr1 = walk.end1 = 0;
+    walk.col0 = walk.col1 = KeyWalk::NONE;
+    if (qb < num_blocks && qb * block_size < pos_hi && (qb + 1) * block_size > pos_lo) {
+      walk.ptr0 = row_ptr[qb];
+      walk.end0 = row_ptr[qb + 1];
+      walk.col0 = walk.ptr0 < walk.end0 ? walk.cols[walk.ptr0] : KeyWalk::NONE;
+    }
+    ++qb;
+    if (rows == 2 && qb < num_blocks && qb * block_size < pos_hi && (qb + 1) * block_size > pos_lo) {
+      walk.ptr1 = row_ptr[qb];
+      walk.end1 = row_ptr[qb + 1];
+      walk.col1 = walk.ptr1 < walk.end1 ? walk.cols[walk.ptr1] : KeyWalk::NONE;
+    }
+    produce<T, HEAD_DIM, STAGES>(smem, k, k_tok, k_head, v, v_tok, v_head, k_start, k_len, head / group, walk);
   } else {
-    asm volatile("setmaxnreg.inc.sync.aligned.u32 224;\n");
-    consume<T, HEAD_DIM, STAGES>(smem, p, num_items, wg - 1);
+    const int c = wg - 1;
+    const int row_bit = block_size == 64 ? c : 0;  // the CSR row of this warpgroup's 64 rows
+    consume<T, HEAD_DIM, STAGES>(smem, q, q_tok, q_head, out, o_tok, o_head, head, q_start, past,
+                                 tile_start + 64 * c, pos_lo, pos_hi, row_bit, scale_log2);
   }
 }
