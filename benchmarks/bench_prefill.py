@@ -1,7 +1,7 @@
 """Block-sparse prefill benchmark: cubsattn's CUDA kernel against torch SDPA (dense causal) and FlexAttention.
 
-Columns "cubsattn" = the path ``blocksparse_prefill`` dispatches to; "sm90" = the Hopper wgmma kernel
-(``_prefill_sm90.prefill``) launched directly, on compute capability 9.0 only.
+Columns "cubsattn" = the sm_80 mma.sync kernel (``blocksparse_prefill(kernel="sm80")``); "sm90" = the Hopper wgmma
+kernel (``_prefill_sm90.prefill``, what ``kernel="auto"`` picks on compute capability 9.0 where it applies).
 
 Phi-3-small per rank (BENCHMARKS.md): 32 q heads, 8 kv heads, head_size 128, block 64, local 16, vert 8, step 1,
 scale 1/128. Useful TF/s = layout.flops / time (4 * D * allowed pairs); SDPA's TF/s counts its dense causal pairs.
@@ -87,7 +87,8 @@ def run(args):
         cu = cupy.asarray(np.arange(batch + 1, dtype=np.int32) * seqlen)
         out = cupy.empty_like(q)
         useful = batch * layout.flops(seqlen, d)
-        ours_ms = time_cuda(lambda: cubsattn.blocksparse_prefill(q, k, v, cu, cu, layout, sm_scale=scale, out=out))
+        ours_ms = time_cuda(lambda: cubsattn.blocksparse_prefill(q, k, v, cu, cu, layout, sm_scale=scale, out=out,
+                                                                 kernel="sm80"))
         ours_tf = useful / ours_ms / 1e9
         sm90_ms = sm90_tf = float("nan")
         if _prefill_sm90.supports(q, k, layout):

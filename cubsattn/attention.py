@@ -24,8 +24,12 @@ def default_cu_seqlens_q(num_q_tokens: int, num_k_tokens: int, cu_seqlens_k_host
                      f"({batch}) nor the number of key tokens ({num_k_tokens})")
 
 
+#: GPU prefill kernels ``blocksparse_prefill(kernel=...)`` accepts.
+PREFILL_KERNELS = ("auto", "sm80", "sm90")
+
+
 def blocksparse_prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, layout: BlockSparseLayout, *, sm_scale=None,
-                        out=None):
+                        out=None, kernel: str = "auto"):
     """Block-sparse causal attention over a packed (varlen) batch.
 
     Sequence ``i`` has keys ``k[cu_seqlens_k[i]:cu_seqlens_k[i+1]]`` at positions ``0 .. k_len-1`` and queries
@@ -43,6 +47,10 @@ def blocksparse_prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, layout: BlockSparse
         Softmax scale; None means ``1 / sqrt(head_size)``. 0.0 is honoured.
     out : array ``[T_q, H_q, head_size]`` of q's dtype, optional
         Written in place and returned.
+    kernel : {"auto", "sm80", "sm90"}
+        GPU kernel. "auto" takes the Hopper kernel (wgmma, sm_90a) where it supports the call (compute capability
+        9.0, fp16/bf16, head size 64/128, block size 64/128) and the mma.sync kernel (sm_80 and newer) elsewhere.
+        Ignored for NumPy arrays.
 
     Returns
     -------
@@ -102,15 +110,24 @@ def blocksparse_prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, layout: BlockSparse
         check_array("out", out, shape=tuple(q.shape))
         if out.dtype != q.dtype:
             raise TypeError(f"out dtype ({dtype_name(out.dtype)}) must equal q dtype ({dtype_name(q.dtype)})")
+    if kernel not in PREFILL_KERNELS:
+        raise ValueError(f"kernel must be one of {PREFILL_KERNELS}, got {kernel!r}")
     scale = 1.0 / math.sqrt(head_size) if sm_scale is None else float(sm_scale)
     if xp is np:
         from . import _prefill_numpy
 
         return _prefill_numpy.prefill(q, k, v, cu_q, cu_k, layout, scale, out)
-    from . import _prefill_cuda
+    from . import _prefill_cuda, _prefill_sm90
 
+    hopper = kernel != "sm80" and _prefill_sm90.supports(q, k, layout)
+    if kernel == "sm90" and not hopper:
+        raise ValueError(f"kernel='sm90' needs compute capability 9.0, fp16/bf16, head_size in "
+                         f"{_prefill_sm90.HEAD_SIZES} and block_size in {_prefill_sm90.BLOCK_SIZES}; got head_size "
+                         f"{head_size}, block_size {layout.block_size}")
     if out is None:
         out = xp.empty_like(q)
+    if hopper:
+        return _prefill_sm90.prefill(q, k, v, cu_q, cu_k, layout, scale, out)
     return _prefill_cuda.prefill(q, k, v, cu_q, cu_k, layout, scale, out)
 
 

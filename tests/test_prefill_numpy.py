@@ -161,14 +161,16 @@ CU = np.array([0, 4, 10])
     (dict(out=np.ones((10, 4, 4), np.float32)), ValueError, r"out must have shape \[10, 4, 8\]"),
     (dict(out=np.ones((10, 4, 8), np.float16)), TypeError, r"out dtype \(float16\) must equal q dtype"),
     (dict(q=[[[1.0]]]), TypeError, "expected numpy.ndarray or cupy.ndarray"),
+    (dict(kernel="sm75"), ValueError, r"kernel must be one of \('auto', 'sm80', 'sm90'\), got 'sm75'"),
 ])
 def test_errors(kwargs, exc, match):
     args = dict(q=Q, k=KV, v=KV, cu_seqlens_q=None, cu_seqlens_k=CU, layout=LAY)
     args.update(kwargs)
     out = args.pop("out", None)
+    kernel = args.pop("kernel", "auto")
     with pytest.raises(exc, match=match):
         blocksparse_prefill(args["q"], args["k"], args["v"], args["cu_seqlens_q"], args["cu_seqlens_k"],
-                            args["layout"], out=out)
+                            args["layout"], out=out, kernel=kernel)
 
 
 def test_bf16_is_ml_dtypes():
