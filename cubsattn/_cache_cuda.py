@@ -15,9 +15,9 @@ from . import _kernels
 TILE_TOKENS = 16
 #: batches of at most this many tokens go to reshape_and_cache_tokens (one thread per token chunk, one load phase):
 #: decode steps. Larger ones go to the tile kernel, which stores whole row pieces for runs of consecutive slots.
-#: H200, 8 kv heads x 128, bf16, kernel times (us) per-token / tile kernel: tokens alone in their blocks 16.8 / 18.8
-#: (256 tokens), 33.5 / 37.4 (512); consecutive (prefill) slots 9.8 / 6.6 (256), 15.8 / 7.1 (512). 256 covers
-#: decode batches of up to 256 sequences and keeps prefill chunks on the tile kernel.
+#: H200 (e4f25fb), 8 kv heads x 128, bf16, kernel us per-token / tile kernel: tokens alone in their blocks 16.8 /
+#: 18.5 (256 tokens), 33.1 / 37.8 (512); consecutive (prefill) slots 10.1 / 6.4 (256), 15.8 / 7.0 (512). 256 covers
+#: decode batches of up to 256 sequences and keeps prefill chunks of more tokens on the tile kernel.
 SCATTER_MAX_TOKENS = 256
 #: largest head_size the write kernel takes (the largest decode supports).
 MAX_HEAD_SIZE = 256
