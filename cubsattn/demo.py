@@ -38,10 +38,12 @@ class StackConfig:
     cache_block_size: int = 16
     dense_every: int = 2
     dtype: str = "bfloat16"
+    homo_head_group: bool = False
 
     def params(self, dense: bool) -> BlocksparseParams:
         return BlocksparseParams(self.max_seqlen, self.num_heads, self.num_kv_heads, self.block_size,
-                                 self.local_blocks, 1 if dense else self.vert_stride)
+                                 self.local_blocks, 1 if dense else self.vert_stride,
+                                 homo_head_group=self.homo_head_group)
 
 
 #: Phi-3-small's attention shape (8 of its 32 layers, to keep the demo quick).
@@ -101,7 +103,8 @@ class AttentionStack:
             self.w_o.append(xp.asarray(np.ascontiguousarray(w_o[rows])))
             full = c.params(dense)
             params = BlocksparseParams(full.max_seqlen, self.num_heads, self.num_kv_heads, full.block_size,
-                                       full.local_blocks, full.vert_stride, tp_rank=tp_rank, tp_size=tp_size)
+                                       full.local_blocks, full.vert_stride, homo_head_group=full.homo_head_group,
+                                       tp_rank=tp_rank, tp_size=tp_size)
             self.impls.append(BlocksparseFlashAttentionImpl(self.num_heads, D, 1.0 / D, self.num_kv_heads, None,
                                                             None, "auto", params))
             shape = get_kv_cache_shape(num_cache_blocks, c.cache_block_size, self.num_kv_heads, D)

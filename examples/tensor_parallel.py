@@ -13,6 +13,7 @@ Keep NVLink multicast off where the machine asks for it: ``NCCL_NVLS_ENABLE=0`` 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import multiprocessing as mp
 import os
 import time
@@ -35,7 +36,7 @@ def worker(rank: int, world: int, uid, args, results):
         comm.allReduce(y.data.ptr, out.data.ptr, y.size, nccl.NCCL_FLOAT32, nccl.NCCL_SUM, stream.ptr)
         return out
 
-    cfg = SMALL if args.small else PHI3_SMALL
+    cfg = dataclasses.replace(SMALL if args.small else PHI3_SMALL, homo_head_group=args.homo_head_group)
     rng = np.random.default_rng(0)
     prompts = [rng.standard_normal((n, cfg.hidden_size), np.float32) for n in args.prompts]
     steps = rng.standard_normal((args.decode_steps, len(prompts), cfg.hidden_size), np.float32)
@@ -73,6 +74,7 @@ def main() -> int:
     parser.add_argument("--prompts", type=int, nargs="+", default=[2048, 1000, 300])
     parser.add_argument("--decode-steps", type=int, default=16)
     parser.add_argument("--small", action="store_true", help="the small demo shape instead of Phi-3-small's")
+    parser.add_argument("--homo-head-group", action="store_true", help="stripes slide per kv head")
     args = parser.parse_args()
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     import cupy

@@ -145,3 +145,25 @@ def test_demo_stack_tensor_parallel_threads(tp_size):
     for r in range(tp_size):
         np.testing.assert_array_equal(results[r], results[0])
     np.testing.assert_allclose(results[0], want, rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.multi_gpu
+@pytest.mark.parametrize("mode", [[], ["--homo-head-group"]], ids=["per-q-head", "per-kv-head"])
+def test_nccl_example(mode):
+    """examples/tensor_parallel.py on 2 GPUs (and 4 where present): ranks agree and equal one GPU."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    cupy = pytest.importorskip("cupy")
+    example = Path(__file__).resolve().parent.parent / "examples" / "tensor_parallel.py"
+    env = {**os.environ, "NCCL_NVLS_ENABLE": "0"}
+    for tp in (2, 4):
+        if cupy.cuda.runtime.getDeviceCount() < tp:
+            continue
+        res = subprocess.run([sys.executable, str(example), "--tp", str(tp), "--prompts", "700", "300",
+                              "--decode-steps", "4", *mode], capture_output=True, text=True, env=env, timeout=600)
+        assert res.returncode == 0, res.stdout + res.stderr
+        assert "ranks agree: True" in res.stdout and "(OK)" in res.stdout
