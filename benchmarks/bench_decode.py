@@ -16,7 +16,6 @@ Every cache is far larger than L2. Times: median of CUDA-event-timed runs after 
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 
 import numpy as np

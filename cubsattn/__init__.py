@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import functools
 
-from .attention import LocalStridedBlockSparseAttn, blocksparse_prefill
+from .attention import LocalStridedBlockSparseAttn, blocksparse_prefill, blocksparse_prefill_paged
 from .layout import BlockSparseLayout, get_sparse_attn_mask
 from .params import BlocksparseParams, get_head_sliding_step
 
@@ -40,6 +40,7 @@ __all__ = [
     "LocalStridedBlockSparseAttn",
     "PagedAttention",
     "blocksparse_prefill",
+    "blocksparse_prefill_paged",
     "get_head_sliding_step",
     "get_sparse_attn_mask",
     "gpu_available",

@@ -6,6 +6,8 @@ import math
 
 import numpy as np
 
+from . import _prefill_numpy
+from . import kv_cache as _kv
 from ._checks import (ATTENTION_DTYPES, GPU_ATTENTION_DTYPES, array_module, check_array, check_cu_seqlens,
                       check_int, check_int_array, dtype_name, to_host)
 from .layout import BlockSparseLayout
@@ -114,8 +116,6 @@ def blocksparse_prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, layout: BlockSparse
         raise ValueError(f"kernel must be one of {PREFILL_KERNELS}, got {kernel!r}")
     scale = 1.0 / math.sqrt(head_size) if sm_scale is None else float(sm_scale)
     if xp is np:
-        from . import _prefill_numpy
-
         return _prefill_numpy.prefill(q, k, v, cu_q, cu_k, layout, scale, out)
     from . import _prefill_cuda, _prefill_sm90
 
@@ -129,6 +129,141 @@ def blocksparse_prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, layout: BlockSparse
     if hopper:
         return _prefill_sm90.prefill(q, k, v, cu_q, cu_k, layout, scale, out)
     return _prefill_cuda.prefill(q, k, v, cu_q, cu_k, layout, scale, out)
+
+
+def blocksparse_prefill_paged(q, k_new, v_new, key_cache, value_cache, block_tables, cu_seqlens_q, context_lens,
+                  layout: BlockSparseLayout, *, sm_scale=None, out=None, kv_cache_dtype: str = "auto",
+                  k_scale=1.0, v_scale=1.0):
+    """Block-sparse prefill whose sequences continue a context already in vLLM's paged KV cache.
+
+    Sequence ``i`` has ``c = context_lens[i]`` cached tokens (positions ``0 .. c-1``, in the cache blocks
+    ``block_tables[i, :ceil(c / block_size)]``) and ``n = q_len`` new tokens at positions ``c .. c+n-1`` whose
+    queries, keys and values are the rows ``cu_seqlens_q[i] .. cu_seqlens_q[i+1]-1`` of ``q``, ``k_new``, ``v_new``.
+    The new queries attend to cached + new keys with ``layout``'s block rule at absolute positions (causal).
+
+    The result equals gathering each context with :func:`cubsattn.kv_cache.gather_kv` (fp8 codes dequantised as
+    ``code * scale``), rounding it to q's dtype, appending the new keys and calling
+    :func:`cubsattn.blocksparse_prefill` on that packed batch, which is what the NumPy path does. On CuPy the kernel
+    reads the context in place through the block tables. New keys come from ``k_new`` / ``v_new``, never from the
+    cache, so an fp8 cache quantises only the context (the new tokens may be written to the cache before or after).
+
+    Parameters
+    ----------
+    q : ``[T, H_q, head_size]`` fp16 / bf16 (fp32 also on NumPy)
+    k_new, v_new : ``[T, H_kv, head_size]``, q's dtype: keys / values of the new tokens
+    key_cache : ``[num_blocks, H_kv, head_size // x, block_size, x]``; value_cache ``[num_blocks, H_kv, head_size,
+        block_size]`` (:func:`cubsattn.kv_cache.split_kv_cache` views). q's dtype for ``kv_cache_dtype="auto"``, uint8
+        E4M3 codes for "fp8" / "fp8_e4m3". CUDA: ``block_size`` in CACHE_BLOCK_SIZES.
+    block_tables : int ``[batch, max_blocks]`` (NumPy or CuPy), cache block ids per sequence; only the first
+        ``ceil(context_lens[i] / block_size)`` entries of row ``i`` are read (and checked).
+    cu_seqlens_q : int ``[batch + 1]`` (NumPy or CuPy), cumulative new-token counts.
+    context_lens : int ``[batch]`` (NumPy or CuPy), cached tokens per sequence (>= 0).
+    layout : BlockSparseLayout with ``num_heads == H_q``; ``context_len + q_len <= layout.max_seqlen``.
+    sm_scale : float, optional. None means ``1 / sqrt(head_size)``.
+    out : ``[T, H_q, head_size]`` of q's dtype, optional; written in place and returned.
+    kv_cache_dtype : "auto", "fp8" or "fp8_e4m3".
+    k_scale, v_scale : float > 0, fp8 dequantisation scales (ignored for "auto").
+
+    Returns
+    -------
+    out : ``[T, H_q, head_size]`` in q's dtype, on q's side.
+
+    Raises ValueError (shapes, lengths, block ids, strides), TypeError (dtypes, mixed NumPy / CuPy data) and, on
+    CuPy, NotImplementedError for head / sparse-block / cache-block sizes the kernel is not compiled for, all before
+    any launch. The integer arguments are read on the host (one synchronisation each if they live on the GPU).
+    """
+    xp = array_module(q, k_new, v_new, key_cache, value_cache, out)
+    for name, a in (("q", q), ("k_new", k_new), ("v_new", v_new)):
+        check_array(name, a, ndim=3)
+    check_array("q", q, dtypes=GPU_ATTENTION_DTYPES if xp is not np else ATTENTION_DTYPES)
+    num_tokens, num_heads, head_size = q.shape
+    num_kv_heads = k_new.shape[1]
+    for name, a in (("k_new", k_new), ("v_new", v_new)):
+        if a.dtype != q.dtype:
+            raise TypeError(f"{name} dtype ({dtype_name(a.dtype)}) must equal q dtype ({dtype_name(q.dtype)})")
+        check_array(name, a, shape=(num_tokens, num_kv_heads, head_size))
+    if num_kv_heads == 0 or num_heads % num_kv_heads:
+        raise ValueError(f"num_heads of q ({num_heads}) must be a multiple of num_kv_heads of k_new ({num_kv_heads})")
+    cache_dtype = _kv.kv_cache_element_dtype(q.dtype, kv_cache_dtype)  # ValueError for unknown kv_cache_dtype
+    fp8 = kv_cache_dtype != "auto"
+    x = 16 // cache_dtype.itemsize
+    check_array("key_cache", key_cache, ndim=5)
+    if key_cache.dtype != cache_dtype:
+        raise TypeError(f"key_cache dtype ({dtype_name(key_cache.dtype)}) must be {dtype_name(cache_dtype)} for "
+                        f"kv_cache_dtype {kv_cache_dtype!r} and q dtype {dtype_name(q.dtype)}")
+    num_cache_blocks, _, _, cache_block, _ = key_cache.shape
+    check_array("key_cache", key_cache, shape=(None, num_kv_heads, head_size // x, None, x))
+    if head_size % x:
+        raise ValueError(f"head_size ({head_size}) must be a multiple of x = {x} for a {dtype_name(cache_dtype)} cache")
+    if value_cache.dtype != key_cache.dtype:
+        raise TypeError(f"value_cache dtype ({dtype_name(value_cache.dtype)}) must equal key_cache dtype "
+                        f"({dtype_name(key_cache.dtype)})")
+    check_array("value_cache", value_cache, shape=(num_cache_blocks, num_kv_heads, head_size, cache_block))
+    # The scales matter only for fp8 (vLLM ignores them for 16-bit caches).
+    k_scale, v_scale = (_kv._scale("k_scale", k_scale), _kv._scale("v_scale", v_scale)) if fp8 else (1.0, 1.0)
+    if not isinstance(layout, BlockSparseLayout):
+        raise TypeError(f"layout must be a BlockSparseLayout, got {type(layout).__name__}")
+    if layout.num_heads != num_heads:
+        raise ValueError(f"layout has {layout.num_heads} heads but q has {num_heads}")
+
+    check_int_array("cu_seqlens_q", cu_seqlens_q)
+    cu_q = check_cu_seqlens("cu_seqlens_q", to_host(cu_seqlens_q), num_tokens)
+    batch = cu_q.shape[0] - 1
+    check_int_array("context_lens", context_lens)
+    context = to_host(context_lens).astype(np.int64)
+    if context.shape != (batch,):
+        raise ValueError(f"context_lens must have shape [batch] = [{batch}], got {list(context.shape)}")
+    if (context < 0).any():
+        i = int(np.argmax(context < 0))
+        raise ValueError(f"context_lens[{i}] ({int(context[i])}) must be >= 0")
+    k_lens = context + np.diff(cu_q)
+    if k_lens.size and k_lens.max() > layout.max_seqlen:
+        i = int(np.argmax(k_lens))
+        raise ValueError(f"sequence {i}: context_len + q_len ({int(k_lens[i])}) must be <= max_seqlen "
+                         f"({layout.max_seqlen})")
+    check_int_array("block_tables", block_tables, ndim=2)
+    tables = to_host(block_tables)
+    if tables.shape[0] != batch:
+        raise ValueError(f"block_tables has {tables.shape[0]} rows but cu_seqlens_q describes {batch} sequences")
+    used = -(-context // cache_block)
+    if used.size and used.max() > tables.shape[1]:
+        i = int(np.argmax(used))
+        raise ValueError(f"sequence {i}: context_len {int(context[i])} needs {int(used[i])} cache blocks of "
+                         f"{cache_block}, but block_tables has {tables.shape[1]} columns")
+    live = np.arange(tables.shape[1]) < used[:, None]
+    bad = live & ((tables < 0) | (tables >= num_cache_blocks))
+    if bad.any():
+        i, j = (int(t[0]) for t in np.nonzero(bad))
+        raise ValueError(f"block_tables[{i}, {j}] ({int(tables[i, j])}) is not a cache block id in "
+                         f"[0, {num_cache_blocks})")
+    if out is not None:
+        check_array("out", out, shape=tuple(q.shape))
+        if out.dtype != q.dtype:
+            raise TypeError(f"out dtype ({dtype_name(out.dtype)}) must equal q dtype ({dtype_name(q.dtype)})")
+    scale = 1.0 / math.sqrt(head_size) if sm_scale is None else float(sm_scale)
+    cu_k = np.concatenate(([0], np.cumsum(k_lens))).astype(np.int64)
+    if xp is np:
+        return _prefill_paged_numpy(q, k_new, v_new, key_cache, value_cache, tables, cu_q, cu_k, context, layout,
+                                    scale, out, kv_cache_dtype, k_scale, v_scale)
+    from . import _prefill_cuda
+
+    return _prefill_cuda.prefill_paged(q, k_new, v_new, key_cache, value_cache, block_tables, tables, cu_q, cu_k,
+                                       layout, scale, out, fp8, k_scale, v_scale)
+
+
+def _prefill_paged_numpy(q, k_new, v_new, key_cache, value_cache, tables, cu_q, cu_k, context, layout, scale, out,
+                         kv_cache_dtype, k_scale, v_scale):
+    """The reference: gathered, dequantised contexts (rounded to q's dtype) + new keys, through the NumPy prefill."""
+    ks, vs = [], []
+    for i, c in enumerate(context.tolist()):
+        if c:
+            kc, vc = _kv.gather_kv(key_cache, value_cache, tables[i], c, kv_cache_dtype=kv_cache_dtype,
+                                   k_scale=k_scale, v_scale=v_scale)
+            ks.append(kc.astype(q.dtype))
+            vs.append(vc.astype(q.dtype))
+        ks.append(k_new[cu_q[i]:cu_q[i + 1]])
+        vs.append(v_new[cu_q[i]:cu_q[i + 1]])
+    return _prefill_numpy.prefill(q, np.concatenate(ks), np.concatenate(vs), cu_q, cu_k, layout, scale, out)
 
 
 class LocalStridedBlockSparseAttn:

@@ -12,12 +12,11 @@ import functools
 import math
 from dataclasses import dataclass, replace
 
-import numpy as np
 
 from . import decode as _decode
 from . import kv_cache as _kv
-from ._checks import array_module, check_array, check_int, dtype_name
-from .attention import blocksparse_prefill
+from ._checks import array_module, check_array, check_int, dtype_name, to_host
+from .attention import blocksparse_prefill, blocksparse_prefill_paged
 from .layout import BlockSparseLayout
 from .params import BlocksparseParams
 
@@ -190,23 +189,16 @@ class BlocksparseFlashAttentionImpl:
         if m.prefill_metadata is not None:
             pm = m.prefill_metadata
             cu_q = pm.query_start_loc
-            context = _host(pm.context_lens_tensor) if pm.context_lens_tensor is not None else None
+            context = to_host(pm.context_lens_tensor) if pm.context_lens_tensor is not None else None
             if context is None or not context.any():
                 blocksparse_prefill(q[:P], k[:P], v[:P], cu_q, cu_q, self.layout, sm_scale=self.scale, out=out[:P])
             else:
                 if not has_cache:
                     raise ValueError("prefill sequences with context_len > 0 need the paged kv_cache")
-                if xp is np:
-                    k_all, v_all, cu_k = self._context_keys(xp, k[:P], v[:P], key_cache, value_cache, pm, context,
-                                                            k_scale, v_scale)
-                    blocksparse_prefill(q[:P], k_all, v_all, cu_q, cu_k, self.layout, sm_scale=self.scale,
-                                        out=out[:P])
-                else:  # the paged kernel reads the contexts in place through the block tables
-                    from ._prefill_cuda import prefill_paged
-
-                    prefill_paged(q[:P], k[:P], v[:P], key_cache, value_cache, pm.block_tables, cu_q, context,
-                                  self.layout, sm_scale=self.scale, out=out[:P], kv_cache_dtype=self.kv_cache_dtype,
-                                  k_scale=k_scale, v_scale=v_scale)
+                # Contexts are read in place through the block tables (the NumPy path gathers them).
+                blocksparse_prefill_paged(q[:P], k[:P], v[:P], key_cache, value_cache, pm.block_tables, cu_q, context,
+                                          self.layout, sm_scale=self.scale, out=out[:P],
+                                          kv_cache_dtype=self.kv_cache_dtype, k_scale=k_scale, v_scale=v_scale)
         if m.decode_metadata is not None:
             if not has_cache:
                 raise ValueError("decode tokens need the paged kv_cache")
@@ -217,32 +209,6 @@ class BlocksparseFlashAttentionImpl:
                                    p.tp_rank, p.local_blocks, p.vert_stride, p.block_size, p.head_sliding_step,
                                    out=out[P:])
         return output
-
-    def _context_keys(self, xp, k_new, v_new, key_cache, value_cache, pm, context, k_scale, v_scale):
-        """Packed keys/values of every prefill sequence: its cached context (dequantised) then its new tokens.
-
-        NumPy path only: it gathers contexts into temporary arrays (the CuPy path reads them in place with
-        :func:`cubsattn._prefill_cuda.prefill_paged`, which computes the same).
-        """
-        cu_q = _host(pm.query_start_loc)
-        tables = _host(pm.block_tables)
-        dtype = k_new.dtype
-        ks, vs = [], []
-        for s in range(pm.num_prefills):
-            c = int(context[s])
-            if c:
-                kc, vc = _kv.gather_kv(key_cache, value_cache, xp.asarray(tables[s]), c,
-                                       kv_cache_dtype=self.kv_cache_dtype, k_scale=k_scale, v_scale=v_scale)
-                ks.append(kc.astype(dtype))
-                vs.append(vc.astype(dtype))
-            ks.append(k_new[cu_q[s]:cu_q[s + 1]])
-            vs.append(v_new[cu_q[s]:cu_q[s + 1]])
-        cu_k = np.concatenate(([0], np.cumsum(context + np.diff(cu_q))))
-        return xp.concatenate(ks), xp.concatenate(vs), cu_k
-
-
-def _host(a):
-    return a if isinstance(a, np.ndarray) else a.get()
 
 
 class BlocksparseFlashAttentionBackend:

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 from conftest import BF16, FP16, TOLERANCES
-from cubsattn.decode import forward_decode
 from test_decode import assert_close, make_case, oracle, random_config, run
 
 pytestmark = pytest.mark.gpu

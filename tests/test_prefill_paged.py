@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from cubsattn import BlockSparseLayout, BlocksparseParams
-from cubsattn._prefill_cuda import prefill_paged
+from cubsattn import blocksparse_prefill_paged as prefill_paged
 from conftest import BF16, FP16, TOLERANCES
 from oracle import masked_attention, rule_mask
 from paged_problem import make_problem
