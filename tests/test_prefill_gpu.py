@@ -70,13 +70,15 @@ def make_inputs(rng, q_lens, k_lens, heads, kv_heads, head_size, dtype):
     return q, k, v, cu_q, cu_k
 
 
-def run_gpu(cp, q, k, v, cu_q, cu_k, layout, sm_scale, *, use_out=True):
-    """The CUDA path on a NaN-poisoned out buffer (or out=None); returns the host result."""
+def run_gpu(cp, q, k, v, cu_q, cu_k, layout, sm_scale, *, use_out=True, kernel="sm80"):
+    """The sm_80 kernel (this file's subject; on Hopper "auto" would pick the sm_90a kernel, tested in
+    test_prefill_sm90_gpu.py) on a NaN-poisoned out buffer (or out=None); returns the host result."""
     dq, dk, dv = cp.asarray(q), cp.asarray(k), cp.asarray(v)
     out = None
     if use_out:
         out = cp.asarray(np.full(q.shape, np.nan, dtype=q.dtype))
-    res = blocksparse_prefill(dq, dk, dv, cp.asarray(cu_q), cp.asarray(cu_k), layout, sm_scale=sm_scale, out=out)
+    res = blocksparse_prefill(dq, dk, dv, cp.asarray(cu_q), cp.asarray(cu_k), layout, sm_scale=sm_scale, out=out,
+                              kernel=kernel)
     if use_out:
         assert res is out
     return res.get()
