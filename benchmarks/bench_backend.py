@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 
 import cupy
@@ -71,6 +72,14 @@ def host_overhead(batch=256, context=2048, steps=200):
             cupy.cuda.get_current_stream().synchronize()
     cupy.cuda.get_current_stream().synchronize()
     b, f = np.median(times_build[10:]) * 1e6, np.median(times_fwd[10:]) * 1e6
+    if PROFILE:
+        import cProfile
+        import pstats
+
+        meta = builder.build([], handles)
+        cProfile.runctx("for _ in range(100): impl.forward(q, kv, kv, cache, meta, output=out)", globals(),
+                        dict(impl=impl, q=q, kv=kv, cache=cache, meta=meta, out=out), "/tmp/forward.prof")
+        pstats.Stats("/tmp/forward.prof").sort_stats("tottime").print_stats(15)
     print(f"host overhead, decode step of {batch} sequences: build metadata {b:.0f} us + dispatch one layer "
           f"{f:.0f} us = {b + f:.0f} us (target <= 100 us)")
 
@@ -110,6 +119,8 @@ def graph_replay(batch=64, context=8192 - 1):
           f"(cache write + decode) {kernels * 1e3:.1f} us (replay / kernels = {replay / kernels:.2f}); "
           f"replay == eager: {same}")
 
+
+PROFILE = "--profile" in sys.argv
 
 if __name__ == "__main__":
     name = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)["name"].decode()

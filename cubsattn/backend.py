@@ -50,6 +50,9 @@ class BlocksparseFlashAttentionMetadata:
     use_cuda_graph : bool
     blocks_to_copy : int64 ``[K, 2]`` (host)
         Copy-on-write block pairs to ``copy_blocks`` before this step's K/V writes (from the builder).
+    max_slot : int or None
+        Largest entry of ``slot_mapping``, known on the host (set by the builder). With it, ``forward`` checks the
+        slots against the cache without reading ``slot_mapping`` back from the GPU.
     """
 
     num_prefills: int
@@ -67,6 +70,7 @@ class BlocksparseFlashAttentionMetadata:
     block_tables: object
     use_cuda_graph: bool = False
     blocks_to_copy: object = None
+    max_slot: int | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -181,10 +185,13 @@ class BlocksparseFlashAttentionImpl:
         has_cache = kv_cache is not None and kv_cache.size > 0
         if has_cache:
             key_cache, value_cache = _kv.split_kv_cache(kv_cache, Hkv, D)
-            # Under a CUDA graph the slots cannot be checked on the host (no sync); the builder made them valid and
-            # the kernel skips out-of-range slots anyway.
+            # Reading slot_mapping back to check it would synchronise with the GPU: use the builder's host-side
+            # maximum instead, and skip the check under a CUDA graph (the kernel skips out-of-range slots anyway).
+            if m.max_slot is not None and m.max_slot >= key_cache.shape[0] * key_cache.shape[3]:
+                raise ValueError(f"slot_mapping has slot {m.max_slot} but the cache has "
+                                 f"{key_cache.shape[0] * key_cache.shape[3]} slots")
             _kv.write_to_paged_cache(k, v, key_cache, value_cache, m.slot_mapping, self.kv_cache_dtype,
-                                     k_scale, v_scale, check_slots=not m.use_cuda_graph)
+                                     k_scale, v_scale, check_slots=not m.use_cuda_graph and m.max_slot is None)
         P = m.num_prefill_tokens
         if m.prefill_metadata is not None:
             pm = m.prefill_metadata

@@ -90,7 +90,9 @@ class BlockAllocator:
 
         ``width`` defaults to the largest block count in the batch (at least 1); a smaller width is an error.
         """
-        rows = self._rows(handles)
+        return self._tables_of(self._rows(handles), width)
+
+    def _tables_of(self, rows, width):
         need = int(self._nblocks[rows].max(initial=0))
         if width is None:
             width = max(need, 1)
@@ -170,6 +172,23 @@ class BlockAllocator:
             Fewer free blocks than needed; nothing changed.
         """
         rows, counts = self._rows(handles), self._counts(handles, num_new_tokens)
+        return self._append(rows, counts)
+
+    def append_step(self, handles, num_new_tokens, *, width: int | None = None):
+        """:meth:`append_tokens`, plus what a step's metadata needs, validating the handles once.
+
+        Returns
+        -------
+        context_lens : int64 ``[B]``: tokens stored before this append.
+        slot_mapping, cow : as :meth:`append_tokens`.
+        block_tables : int32 ``[B, width]`` after the append (see :meth:`block_tables`).
+        """
+        rows, counts = self._rows(handles), self._counts(handles, num_new_tokens)
+        context = self._lens[rows].copy()
+        slots, cow = self._append(rows, counts)
+        return context, slots, cow, self._tables_of(rows, width)
+
+    def _append(self, rows, counts):
         lens = self._lens[rows]
         new_nblocks, grow, cow, last = self._plan(rows, counts)
         num_cow = int(cow.sum())

@@ -59,22 +59,20 @@ class BlocksparseMetadataBuilder:
         ``metadata.blocks_to_copy`` (int64 ``[K, 2]``, host).
         """
         prefills = list(prefills)
-        decodes = [int(h) for h in decodes]
-        p_handles = np.array([int(h) for h, _ in prefills], dtype=np.int64)
+        num_prefills = len(prefills)
         p_counts = np.array([check_int("num_new_tokens", n, minimum=1) for _, n in prefills], dtype=np.int64)
-        handles = np.concatenate((p_handles, np.array(decodes, dtype=np.int64)))
-        counts = np.concatenate((p_counts, np.ones(len(decodes), dtype=np.int64)))
+        handles = np.concatenate((np.array([h for h, _ in prefills], dtype=np.int64),
+                                  np.asarray(decodes, dtype=np.int64).reshape(-1)))
+        counts = np.ones(handles.size, dtype=np.int64)
+        counts[:num_prefills] = p_counts
         if handles.size == 0:
             raise ValueError("a step needs at least one prefill or decode sequence")
-        if np.unique(handles).size != handles.size:
-            raise ValueError("a sequence appears twice in one step")
         if pad_to is not None and prefills:
             raise ValueError("pad_to (CUDA-graph padding) applies to decode-only steps")
-        context = self.allocator.seq_lens(handles).astype(np.int64)
-        slots, cow = self.allocator.append_tokens(handles, counts)
+        # The allocator checks the handles (live, distinct) and reserves the slots in one pass.
+        context, slots, cow, tables = self.allocator.append_step(handles, counts, width=block_table_width)
         seq_lens = context + counts
-        tables = self.allocator.block_tables(handles, width=block_table_width)
-        num_prefills, num_decodes = len(prefills), len(decodes)
+        num_decodes = handles.size - num_prefills
         if pad_to is not None:
             pad = check_int("pad_to", pad_to, minimum=num_decodes) - num_decodes
             slots = np.concatenate((slots, np.full(pad, PAD_SLOT_ID, dtype=np.int64)))
@@ -114,5 +112,6 @@ class BlocksparseMetadataBuilder:
             block_tables=dev[4 * batch + 2:].reshape(tables.shape),
             use_cuda_graph=pad_to is not None,
             blocks_to_copy=cow,
+            max_slot=int(slots.max(initial=PAD_SLOT_ID)),
         )
         return metadata
