@@ -158,3 +158,16 @@ def test_impl_accepts_vllm_dict():
     d = dict(max_seqlen=512, block_size=16, local_blocks=2, vert_stride=3, homo_head=False)
     impl = BlocksparseFlashAttentionImpl(H, D, None, HKV, None, None, "auto", d)
     assert impl.params.num_heads == H and impl.scale == pytest.approx(1 / math.sqrt(D))
+
+
+def test_forward_rejects_slots_beyond_the_cache(rng):
+    impl = BlocksparseFlashAttentionImpl(H, D, None, HKV, None, None, "auto", PARAMS)
+    alloc = BlockAllocator(8, 16)                       # the allocator knows 8 blocks ...
+    kv_cache = np.zeros(PagedAttention.get_kv_cache_shape(2, 16, HKV, D), np.float16)   # ... the cache has 2
+    a = alloc.add_sequence()
+    m = BlocksparseMetadataBuilder(alloc).build([(a, 40)], [])
+    assert m.max_slot == 39
+    q = rng.standard_normal((40, H * D)).astype(np.float16)
+    kv = rng.standard_normal((40, HKV * D)).astype(np.float16)
+    with pytest.raises(ValueError, match="slot_mapping has slot 39 but the cache has 32 slots"):
+        impl.forward(q, kv, kv, kv_cache, m)
