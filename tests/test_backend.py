@@ -171,3 +171,61 @@ def test_forward_rejects_slots_beyond_the_cache(rng):
     kv = rng.standard_normal((40, HKV * D)).astype(np.float16)
     with pytest.raises(ValueError, match="slot_mapping has slot 39 but the cache has 32 slots"):
         impl.forward(q, kv, kv, kv_cache, m)
+
+
+def test_graph_runner_buckets():
+    from cubsattn.cuda_graph import DecodeGraphRunner
+
+    runner = DecodeGraphRunner(lambda a: a, buckets=(8, 1, 4))
+    assert runner.buckets == (1, 4, 8) and runner.bucket_for(3) == 4 and runner.bucket_for(8) == 8
+    with pytest.raises(ValueError, match=r"batch 9 exceeds the largest CUDA-graph bucket \(8\)"):
+        runner.bucket_for(9)
+    with pytest.raises(ValueError, match="bucket 4 is not captured yet"):
+        runner.replay(4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "fp8"])
+def test_graph_replay_equals_eager(rng, kv_cache_dtype):
+    cupy = pytest.importorskip("cupy")
+    from cubsattn.cuda_graph import DecodeGraphRunner
+
+    impl = BlocksparseFlashAttentionImpl(H, D, 1 / D, HKV, None, None, kv_cache_dtype, PARAMS)
+    cache_dtype = np.uint8 if kv_cache_dtype == "fp8" else BF16
+    shape = PagedAttention.get_kv_cache_shape(64, 16, HKV, D)
+    cache_host = rng.standard_normal(shape).astype(BF16) if kv_cache_dtype == "auto" else \
+        rng.integers(0, 120, shape).astype(np.uint8)
+    alloc = BlockAllocator(64, 16)
+    handles = [alloc.add_sequence() for _ in range(3)]
+    alloc.append_tokens(handles, [200, 35, 90])
+    builder = BlocksparseMetadataBuilder(alloc, xp=cupy)
+    runner = DecodeGraphRunner(lambda a: impl.forward(a["q"], a["k"], a["v"], a["cache"], meta_of(a),
+                                                      output=a["out"]), buckets=(4,))
+    template = builder.build([], handles, pad_to=4, block_table_width=32)
+
+    def meta_of(a):
+        return BlocksparseFlashAttentionMetadata(**{**template.__dict__, "slot_mapping": a["slots"],
+                                                    "seq_lens_tensor": a["seq_lens"], "block_tables": a["tables"]})
+
+    for step in range(3):
+        m = template if step == 0 else builder.build([], handles, pad_to=4, block_table_width=32)
+        q = cupy.asarray(rng.standard_normal((4, H * D)).astype(BF16))
+        kv = cupy.asarray(rng.standard_normal((4, HKV * D)).astype(BF16))
+        inputs = dict(q=q, k=kv, v=kv, slots=m.slot_mapping, seq_lens=m.seq_lens_tensor, tables=m.block_tables,
+                      out=cupy.full((4, H * D), np.nan, dtype=BF16))
+        # Eager on a copy of the cache, replay on the cache: the same K/V write then the same decode.
+        eager_cache = cupy.asarray(cache_host)
+        eager = impl.forward(q, kv, kv, eager_cache, m)
+        graph_cache = cupy.asarray(cache_host)
+        inputs["cache"] = graph_cache
+        if step == 0:
+            graph_out = runner(inputs)
+        else:
+            static = runner.static_inputs(inputs)
+            for name, a in inputs.items():
+                if name != "cache":
+                    static[name][...] = a
+            static["cache"][...] = graph_cache
+            graph_out = runner.replay(4).copy()
+        assert runner.captured == (4,)
+        np.testing.assert_array_equal(graph_out[:3].get().astype(np.float32), eager[:3].get().astype(np.float32))
