@@ -52,7 +52,7 @@ class DecodeGraphRunner:
 
     def static_inputs(self, inputs: dict) -> dict:
         """The static input buffers of ``inputs``' bucket (capturing it first, with ``inputs`` as the example)."""
-        return self._graph_for(inputs)[1]
+        return self._graph_for(inputs)
 
     def replay(self, batch: int):
         """Replay the captured graph of bucket ``batch`` on the current contents of its static inputs; returns the

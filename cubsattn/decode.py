@@ -309,7 +309,9 @@ def _signature(arrays, out, scalars):
     cupy = sys.modules.get("cupy")
     if cupy is None:
         return None
-    key = [tuple(map(type, scalars)), scalars]  # types too: True == 1, but a bool tp_rank is a TypeError
+    # Types too (True == 1, but a bool tp_rank is a TypeError), and the device: a launch plan holds per-device
+    # kernels and workspaces.
+    key = [tuple(map(type, scalars)), scalars, cupy.cuda.runtime.getDevice()]
     for a in arrays if out is None else (*arrays, out):
         if type(a) is not cupy.ndarray:
             return None

@@ -191,41 +191,37 @@ def test_graph_replay_equals_eager(rng, kv_cache_dtype):
     from cubsattn.cuda_graph import DecodeGraphRunner
 
     impl = BlocksparseFlashAttentionImpl(H, D, 1 / D, HKV, None, None, kv_cache_dtype, PARAMS)
-    cache_dtype = np.uint8 if kv_cache_dtype == "fp8" else BF16
     shape = PagedAttention.get_kv_cache_shape(64, 16, HKV, D)
     cache_host = rng.standard_normal(shape).astype(BF16) if kv_cache_dtype == "auto" else \
         rng.integers(0, 120, shape).astype(np.uint8)
+    cache = cupy.asarray(cache_host)                    # captured by the graph: a fixed buffer
     alloc = BlockAllocator(64, 16)
     handles = [alloc.add_sequence() for _ in range(3)]
     alloc.append_tokens(handles, [200, 35, 90])
     builder = BlocksparseMetadataBuilder(alloc, xp=cupy)
-    runner = DecodeGraphRunner(lambda a: impl.forward(a["q"], a["k"], a["v"], a["cache"], meta_of(a),
-                                                      output=a["out"]), buckets=(4,))
     template = builder.build([], handles, pad_to=4, block_table_width=32)
 
-    def meta_of(a):
-        return BlocksparseFlashAttentionMetadata(**{**template.__dict__, "slot_mapping": a["slots"],
-                                                    "seq_lens_tensor": a["seq_lens"], "block_tables": a["tables"]})
+    def step(a):
+        m = BlocksparseFlashAttentionMetadata(**{**template.__dict__, "slot_mapping": a["slots"],
+                                                 "seq_lens_tensor": a["seq_lens"], "block_tables": a["tables"]})
+        return impl.forward(a["q"], a["k"], a["v"], cache, m, output=a["out"])
 
-    for step in range(3):
-        m = template if step == 0 else builder.build([], handles, pad_to=4, block_table_width=32)
+    runner = DecodeGraphRunner(step, buckets=(4,))
+    for i in range(3):
+        m = template if i == 0 else builder.build([], handles, pad_to=4, block_table_width=32)
         q = cupy.asarray(rng.standard_normal((4, H * D)).astype(BF16))
         kv = cupy.asarray(rng.standard_normal((4, HKV * D)).astype(BF16))
         inputs = dict(q=q, k=kv, v=kv, slots=m.slot_mapping, seq_lens=m.seq_lens_tensor, tables=m.block_tables,
                       out=cupy.full((4, H * D), np.nan, dtype=BF16))
-        # Eager on a copy of the cache, replay on the cache: the same K/V write then the same decode.
-        eager_cache = cupy.asarray(cache_host)
-        eager = impl.forward(q, kv, kv, eager_cache, m)
-        graph_cache = cupy.asarray(cache_host)
-        inputs["cache"] = graph_cache
-        if step == 0:
-            graph_out = runner(inputs)
+        cache[...] = cupy.asarray(cache_host)           # eager and replay start from the same cache
+        eager = impl.forward(q, kv, kv, cache, m).copy()
+        cache[...] = cupy.asarray(cache_host)
+        if i < 2:
+            replayed = runner(inputs)                    # copies the inputs into the static buffers
         else:
-            static = runner.static_inputs(inputs)
+            static = runner.static_inputs(inputs)        # a serving loop writes straight into these
             for name, a in inputs.items():
-                if name != "cache":
-                    static[name][...] = a
-            static["cache"][...] = graph_cache
-            graph_out = runner.replay(4).copy()
+                static[name][...] = a
+            replayed = runner.replay(4).copy()
         assert runner.captured == (4,)
-        np.testing.assert_array_equal(graph_out[:3].get().astype(np.float32), eager[:3].get().astype(np.float32))
+        np.testing.assert_array_equal(replayed[:3].get().astype(np.float32), eager[:3].get().astype(np.float32))
