@@ -311,12 +311,13 @@ def _signature(arrays, out, scalars):
         return None
     # Types too (True == 1, but a bool tp_rank is a TypeError), and the device: a launch plan holds per-device
     # kernels and workspaces.
-    key = [tuple(map(type, scalars)), scalars, cupy.cuda.runtime.getDevice()]
+    key = [tuple(map(type, scalars)), scalars]
     for a in arrays if out is None else (*arrays, out):
         if type(a) is not cupy.ndarray:
             return None
         key.append((a.shape, a.strides, a.dtype))
     key.append(out is None)
+    key.append(cupy.cuda.runtime.getDevice())
     key = tuple(key)
     try:
         hash(key)
