@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 
@@ -91,8 +92,8 @@ def graph_replay(batch=64, context=8192 - 1):
     out = cupy.empty_like(q)
 
     def step(a):
-        m = meta.__class__(**{**meta.__dict__, "slot_mapping": a["slots"], "seq_lens_tensor": a["seq_lens"],
-                              "block_tables": a["tables"]})
+        m = dataclasses.replace(meta, slot_mapping=a["slots"], seq_lens_tensor=a["seq_lens"],
+                                block_tables=a["tables"])
         return impl.forward(a["q"], a["k"], a["v"], cache, m, output=a["out"])
 
     inputs = dict(q=q, k=kv, v=kv, slots=meta.slot_mapping, seq_lens=meta.seq_lens_tensor,

@@ -32,13 +32,12 @@ def worker(rank: int, world: int, uid, args, results):
     stream = cupy.cuda.get_current_stream()
 
     def all_reduce(y):
-        # Synchronise around the collective: the sum must see y complete, and nothing may read out before NCCL has
-        # written it, whatever stream CuPy's default stream maps to. (A production stack would pass one explicit
-        # stream to both CuPy and NCCL instead.)
+        # Synchronise the device around the collective: the sum must see y complete, and nothing may read out before
+        # NCCL has written it. (A production stack would order one explicit stream for both CuPy and NCCL instead.)
         out = cupy.empty_like(y)
-        stream.synchronize()
+        cupy.cuda.Device().synchronize()
         comm.allReduce(y.data.ptr, out.data.ptr, y.size, nccl.NCCL_FLOAT32, nccl.NCCL_SUM, stream.ptr)
-        stream.synchronize()
+        cupy.cuda.Device().synchronize()
         return out
 
     cfg = dataclasses.replace(SMALL if args.small else PHI3_SMALL, homo_head_group=args.homo_head_group)

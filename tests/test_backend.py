@@ -1,6 +1,7 @@
 """Backend end to end on NumPy (and CuPy where a GPU is present): one-shot prefill == chunked prefill == decode,
 in batches that mix all three kinds of sequences; metadata slicing; Impl errors."""
 
+import dataclasses
 import math
 
 import numpy as np
@@ -202,8 +203,8 @@ def test_graph_replay_equals_eager(rng, kv_cache_dtype):
     template = builder.build([], handles, pad_to=4, block_table_width=32)
 
     def step(a):
-        m = BlocksparseFlashAttentionMetadata(**{**template.__dict__, "slot_mapping": a["slots"],
-                                                 "seq_lens_tensor": a["seq_lens"], "block_tables": a["tables"]})
+        m = dataclasses.replace(template, slot_mapping=a["slots"], seq_lens_tensor=a["seq_lens"],
+                                block_tables=a["tables"])
         return impl.forward(a["q"], a["k"], a["v"], cache, m, output=a["out"])
 
     runner = DecodeGraphRunner(step, buckets=(4,))
