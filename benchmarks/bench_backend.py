@@ -21,24 +21,12 @@ from cubsattn.block_manager import BlockAllocator
 from cubsattn.cuda_graph import DecodeGraphRunner
 from cubsattn.metadata_builder import BlocksparseMetadataBuilder
 
+from _timing import time_cuda
+
 BF16 = np.dtype(ml_dtypes.bfloat16)
 H, HKV, D, CACHE_BS = 32, 8, 128, 16
 PARAMS = BlocksparseParams(max_seqlen=8192, num_heads=H, num_kv_heads=HKV, block_size=64, local_blocks=16,
                            vert_stride=8)
-
-
-def gpu_time(fn, repeat=50, warmup=5):
-    for _ in range(warmup):
-        fn()
-    start, stop = cupy.cuda.Event(), cupy.cuda.Event()
-    times = []
-    for _ in range(repeat):
-        start.record()
-        fn()
-        stop.record()
-        stop.synchronize()
-        times.append(cupy.cuda.get_elapsed_time(start, stop))
-    return float(np.median(times))
 
 
 def setup(batch, context, extra_tokens=1):
@@ -99,10 +87,10 @@ def graph_replay(batch=64, context=8192 - 1):
     inputs = dict(q=q, k=kv, v=kv, slots=meta.slot_mapping, seq_lens=meta.seq_lens_tensor,
                   tables=meta.block_tables, out=out)
     runner = DecodeGraphRunner(step, buckets=(batch,))
-    eager = gpu_time(lambda: step(inputs))
+    eager = time_cuda(lambda: step(inputs))
     runner.static_inputs(inputs)                        # capture; a serving loop writes its inputs into these
-    replay = gpu_time(lambda: runner.replay(batch))
-    replay_copy = gpu_time(lambda: runner(inputs))
+    replay = time_cuda(lambda: runner.replay(batch))
+    replay_copy = time_cuda(lambda: runner(inputs))
     from cubsattn import decode as dec
 
     key_cache, value_cache = PagedAttention.split_kv_cache(cache, HKV, D)
@@ -116,7 +104,7 @@ def graph_replay(batch=64, context=8192 - 1):
                            PARAMS.vert_stride, PARAMS.block_size, PARAMS.head_sliding_step,
                            out=out.reshape(batch, H, D))
 
-    kernels = gpu_time(kernels_only)
+    kernels = time_cuda(kernels_only)
     same = bool(cupy.array_equal(runner(inputs), step(inputs)))
     print(f"decode-64x8k one layer: eager {eager * 1e3:.1f} us, graph replay {replay * 1e3:.1f} us (with input "
           f"copies and output copy {replay_copy * 1e3:.1f} us), kernels alone (cache write + decode) "

@@ -20,25 +20,10 @@ import statistics
 
 import numpy as np
 
+from _timing import time_cuda
+
 CONFIGS = {"64x8k": (64, 8192), "16x32k": (16, 32768), "256x2k": (256, 2048), "1x128k": (1, 131072)}
 HEADS, KV_HEADS, D, CACHE_BS, BLOCK, LOCAL, VERT, STEP = 32, 8, 128, 16, 64, 16, 8, 1
-
-
-def time_cuda(fn, *, warmup=5, repeat=40):
-    """Median milliseconds of ``fn()`` between CuPy events on the current stream."""
-    import cupy
-
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeat):
-        start, stop = cupy.cuda.Event(), cupy.cuda.Event()
-        start.record()
-        fn()
-        stop.record()
-        stop.synchronize()
-        times.append(cupy.cuda.get_elapsed_time(start, stop))
-    return statistics.median(times)
 
 
 def time_graph(fn, *, repeat=40):

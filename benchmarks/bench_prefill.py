@@ -15,8 +15,8 @@ Times are medians of CUDA-event-timed runs after warm-up. torch is used only her
 from __future__ import annotations
 
 import argparse
+import functools
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -24,25 +24,13 @@ import time
 
 import numpy as np
 
+import _timing
+
+# Prefill calls are long: fewer repeats than the decode benchmark's.
+time_cuda = functools.partial(_timing.time_cuda, warmup=3, repeat=10)
+
 CONFIGS = {"4k": (4, 4096), "16k": (1, 16384), "64k": (1, 65536)}
 HEADS, KV_HEADS, BLOCK, LOCAL, VERT = 32, 8, 64, 16, 8
-
-
-def time_cuda(fn, *, warmup=3, repeat=10):
-    """Median milliseconds of ``fn()`` between CUDA events on the current (null) stream."""
-    import cupy
-
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeat):
-        start, stop = cupy.cuda.Event(), cupy.cuda.Event()
-        start.record()
-        fn()
-        stop.record()
-        stop.synchronize()
-        times.append(cupy.cuda.get_elapsed_time(start, stop))
-    return statistics.median(times)
 
 
 def run(args):

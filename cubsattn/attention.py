@@ -26,6 +26,14 @@ def default_cu_seqlens_q(num_q_tokens: int, num_k_tokens: int, cu_seqlens_k_host
                      f"({batch}) nor the number of key tokens ({num_k_tokens})")
 
 
+def _check_out(out, q) -> None:
+    """An ``out=`` buffer must have q's shape and dtype."""
+    if out is not None:
+        check_array("out", out, shape=tuple(q.shape))
+        if out.dtype != q.dtype:
+            raise TypeError(f"out dtype ({dtype_name(out.dtype)}) must equal q dtype ({dtype_name(q.dtype)})")
+
+
 #: GPU prefill kernels ``blocksparse_prefill(kernel=...)`` accepts.
 PREFILL_KERNELS = ("auto", "sm80", "sm90")
 
@@ -108,10 +116,7 @@ def blocksparse_prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, layout: BlockSparse
     if k_lens.size and k_lens.max() > layout.max_seqlen:
         i = int(np.argmax(k_lens))
         raise ValueError(f"sequence {i}: k_len ({int(k_lens[i])}) must be <= max_seqlen ({layout.max_seqlen})")
-    if out is not None:
-        check_array("out", out, shape=tuple(q.shape))
-        if out.dtype != q.dtype:
-            raise TypeError(f"out dtype ({dtype_name(out.dtype)}) must equal q dtype ({dtype_name(q.dtype)})")
+    _check_out(out, q)
     if kernel not in PREFILL_KERNELS:
         raise ValueError(f"kernel must be one of {PREFILL_KERNELS}, got {kernel!r}")
     scale = 1.0 / math.sqrt(head_size) if sm_scale is None else float(sm_scale)
@@ -236,10 +241,7 @@ def blocksparse_prefill_paged(q, k_new, v_new, key_cache, value_cache, block_tab
         i, j = (int(t[0]) for t in np.nonzero(bad))
         raise ValueError(f"block_tables[{i}, {j}] ({int(tables[i, j])}) is not a cache block id in "
                          f"[0, {num_cache_blocks})")
-    if out is not None:
-        check_array("out", out, shape=tuple(q.shape))
-        if out.dtype != q.dtype:
-            raise TypeError(f"out dtype ({dtype_name(out.dtype)}) must equal q dtype ({dtype_name(q.dtype)})")
+    _check_out(out, q)
     scale = 1.0 / math.sqrt(head_size) if sm_scale is None else float(sm_scale)
     cu_k = np.concatenate(([0], np.cumsum(k_lens))).astype(np.int64)
     if xp is np:

@@ -13,6 +13,7 @@ import pytest
 from cubsattn import (BlockSparseLayout, BlocksparseParams, LocalStridedBlockSparseAttn, _prefill_cuda,
                       blocksparse_prefill)
 from conftest import BF16, FP16, TOLERANCES
+from test_prefill_numpy import make_batch as make_inputs
 from oracle import masked_attention, rule_mask
 
 pytestmark = pytest.mark.gpu
@@ -58,16 +59,6 @@ def custom_problem(rng, max_seqlen, heads, block, empty_rows):
     for h in range(heads):
         mask[h, rng.choice(nb, size=min(empty_rows, nb), replace=False)] = False
     return BlockSparseLayout.from_mask(mask, block, max_seqlen=max_seqlen), mask
-
-
-def make_inputs(rng, q_lens, k_lens, heads, kv_heads, head_size, dtype):
-    tq, tk = int(sum(q_lens)), int(sum(k_lens))
-    q = rng.standard_normal((tq, heads, head_size)).astype(dtype)
-    k = rng.standard_normal((tk, kv_heads, head_size)).astype(dtype)
-    v = rng.standard_normal((tk, kv_heads, head_size)).astype(dtype)
-    cu_q = np.concatenate(([0], np.cumsum(q_lens))).astype(np.int32)
-    cu_k = np.concatenate(([0], np.cumsum(k_lens))).astype(np.int32)
-    return q, k, v, cu_q, cu_k
 
 
 def run_gpu(cp, q, k, v, cu_q, cu_k, layout, sm_scale, *, use_out=True, kernel="sm80"):
