@@ -34,11 +34,22 @@ def worker(rank: int, world: int, uid, args, results):
     def all_reduce(y):
         # Synchronise the device around the collective: the sum must see y complete, and nothing may read out before
         # NCCL has written it. (A production stack would order one explicit stream for both CuPy and NCCL instead.)
+        if y.dtype != np.float32 or not y.flags.c_contiguous:
+            raise TypeError(f"all_reduce takes contiguous float32 arrays, got {y.dtype} (contiguous: "
+                            f"{y.flags.c_contiguous})")
         out = cupy.empty_like(y)
         cupy.cuda.Device().synchronize()
         comm.allReduce(y.data.ptr, out.data.ptr, y.size, nccl.NCCL_FLOAT32, nccl.NCCL_SUM, stream.ptr)
         cupy.cuda.Device().synchronize()
+        comm.check_async_error()          # NCCL reports transport failures asynchronously
         return out
+
+    # Self-test of the collective before the model: rank r contributes r + 1 everywhere.
+    probe = all_reduce(cupy.full((1024, 1024), rank + 1, dtype=np.float32))
+    want = world * (world + 1) / 2
+    if not bool((probe == want).all()):
+        raise RuntimeError(f"rank {rank}: NCCL all-reduce self-test failed: got values "
+                           f"{cupy.unique(probe)[:4].tolist()}, want {want}")
 
     cfg = dataclasses.replace(SMALL if args.small else PHI3_SMALL, homo_head_group=args.homo_head_group)
     rng = np.random.default_rng(0)
