@@ -38,6 +38,26 @@ def check_divisible(name: str, value: int, divisor_name: str, divisor: int) -> N
         raise ValueError(f"{name} ({value}) must be a multiple of {divisor_name} ({divisor})")
 
 
+_DLPACK_CUDA = 2  # DLDeviceType kDLCUDA
+
+
+def as_array(a):
+    """Zero-copy CuPy view of a foreign GPU array (torch, JAX, ...: CUDA ``__dlpack__`` or
+    ``__cuda_array_interface__``); NumPy/CuPy arrays, None and anything else are returned unchanged (the checks then
+    reject what is not an array)."""
+    if a is None or isinstance(a, np.ndarray) or type(a).__module__.startswith("cupy"):
+        return a
+    if hasattr(a, "__dlpack__") and hasattr(a, "__dlpack_device__") and a.__dlpack_device__()[0] == _DLPACK_CUDA:
+        import cupy
+
+        return cupy.from_dlpack(a)
+    if hasattr(a, "__cuda_array_interface__"):
+        import cupy
+
+        return cupy.asarray(a)
+    return a
+
+
 def array_module(*arrays):
     """``numpy`` or ``cupy``, whichever module all non-None ``arrays`` belong to.
 
@@ -52,7 +72,8 @@ def array_module(*arrays):
         elif type(a).__module__.startswith("cupy"):
             kinds.add("cupy")
         else:
-            raise TypeError(f"expected numpy.ndarray or cupy.ndarray, got {type(a).__module__}.{type(a).__name__}")
+            raise TypeError(f"expected numpy.ndarray or cupy.ndarray, got {type(a).__module__}.{type(a).__name__} "
+                            f"(GPU arrays exposing CUDA __dlpack__ or __cuda_array_interface__ are accepted too)")
     if len(kinds) > 1:
         raise TypeError("arguments mix NumPy (host) and CuPy (device) arrays; move them to one side first")
     if kinds == {"cupy"}:

@@ -8,7 +8,7 @@ import numpy as np
 
 from . import _prefill_numpy
 from . import kv_cache as _kv
-from ._checks import (ATTENTION_DTYPES, GPU_ATTENTION_DTYPES, array_module, check_array, check_cu_seqlens,
+from ._checks import (ATTENTION_DTYPES, GPU_ATTENTION_DTYPES, array_module, as_array, check_array, check_cu_seqlens,
                       check_int, check_int_array, dtype_name, to_host)
 from .layout import BlockSparseLayout
 from .params import get_head_sliding_step
@@ -77,6 +77,7 @@ def blocksparse_prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, layout: BlockSparse
     >>> cubsattn.blocksparse_prefill(q, k, v, None, np.array([0, 30, 100]), lay).shape
     (100, 4, 64)
     """
+    q, k, v, out, cu_seqlens_q, cu_seqlens_k = (as_array(a) for a in (q, k, v, out, cu_seqlens_q, cu_seqlens_k))
     xp = array_module(q, k, v, out)
     check_array("q", q, ndim=3)
     check_array("k", k, ndim=3)
@@ -177,6 +178,8 @@ def blocksparse_prefill_paged(q, k_new, v_new, key_cache, value_cache, block_tab
     CuPy, NotImplementedError for head / sparse-block / cache-block sizes the kernel is not compiled for, all before
     any launch. The integer arguments are read on the host (one synchronisation each if they live on the GPU).
     """
+    q, k_new, v_new, key_cache, value_cache, block_tables, cu_seqlens_q, context_lens, out = (
+        as_array(a) for a in (q, k_new, v_new, key_cache, value_cache, block_tables, cu_seqlens_q, context_lens, out))
     xp = array_module(q, k_new, v_new, key_cache, value_cache, out)
     for name, a in (("q", q), ("k_new", k_new), ("v_new", v_new)):
         check_array(name, a, ndim=3)

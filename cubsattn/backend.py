@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 
 from . import decode as _decode
 from . import kv_cache as _kv
-from ._checks import array_module, check_array, check_int, dtype_name, to_host
+from ._checks import array_module, as_array, check_array, check_int, dtype_name, to_host
 from .attention import blocksparse_prefill, blocksparse_prefill_paged
 from .layout import BlockSparseLayout
 from .params import BlocksparseParams
@@ -163,6 +163,7 @@ class BlocksparseFlashAttentionImpl:
         -------
         ``[T, num_heads * head_size]`` in query's dtype.
         """
+        query, key, value, kv_cache, output = (as_array(a) for a in (query, key, value, kv_cache, output))
         xp = array_module(query, key, value, kv_cache, output)
         T = query.shape[0] if query.ndim else 0
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_size

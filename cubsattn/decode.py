@@ -13,7 +13,7 @@ import sys
 import ml_dtypes
 import numpy as np
 
-from ._checks import (ATTENTION_DTYPES, GPU_ATTENTION_DTYPES, array_module, check_array, check_int,
+from ._checks import (ATTENTION_DTYPES, GPU_ATTENTION_DTYPES, array_module, as_array, check_array, check_int,
                       check_int_array, dtype_name)
 from .layout import _rule, stripe_offsets
 
@@ -98,6 +98,8 @@ def forward_decode(query, key_cache, value_cache, block_tables, seq_lens, max_se
     >>> o.shape
     (1, 4, 64)
     """
+    query, key_cache, value_cache, block_tables, seq_lens, out = (
+        as_array(a) for a in (query, key_cache, value_cache, block_tables, seq_lens, out))
     signature = _signature((query, key_cache, value_cache, block_tables, seq_lens), out,
                            (max_seq_len, kv_cache_dtype, num_kv_heads, scale, k_scale, v_scale, tp_rank,
                             blocksparse_local_blocks, blocksparse_vert_stride, blocksparse_block_size,

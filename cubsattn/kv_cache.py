@@ -38,8 +38,8 @@ import numbers
 import ml_dtypes
 import numpy as np
 
-from ._checks import (ATTENTION_DTYPES, GPU_ATTENTION_DTYPES, array_module, check_array, check_int, check_int_array,
-                      dtype_name, to_host)
+from ._checks import (ATTENTION_DTYPES, GPU_ATTENTION_DTYPES, array_module, as_array, check_array, check_int,
+                      check_int_array, dtype_name, to_host)
 
 __all__ = [
     "FP8_E4M3_MAX",
@@ -209,6 +209,8 @@ def write_to_paged_cache(key, value, key_cache, value_cache, slot_mapping, kv_ca
     -----
     Two tokens with the same slot race on the GPU (one of them wins); NumPy keeps the last.
     """
+    key, value, key_cache, value_cache, slot_mapping = (
+        as_array(a) for a in (key, value, key_cache, value_cache, slot_mapping))
     xp = array_module(key, value, key_cache, value_cache, slot_mapping)
     fp8 = _is_fp8(kv_cache_dtype)
     dtypes = ATTENTION_DTYPES if xp is np else GPU_ATTENTION_DTYPES
