@@ -132,10 +132,9 @@ def _configured_kernel(ctype: str, head_size: int, fp8: bool, width: int, bulk: 
     key = (cupy.cuda.Device().id, ctype, head_size, fp8, width, bulk)
     hit = _KERNELS.get(key)
     if hit is None:
-        kernel = _kernels.get_function(SOURCE.filename, _kernel_name(ctype, head_size, fp8, width, bulk))
         smem = smem_bytes(head_size, fp8, width, bulk)
-        if kernel.max_dynamic_shared_size_bytes < smem:
-            kernel.max_dynamic_shared_size_bytes = smem
+        kernel = _kernels.get_function(SOURCE.filename, _kernel_name(ctype, head_size, fp8, width, bulk),
+                                       dynamic_smem=smem)
         hit = _KERNELS[key] = (kernel, smem)
     return hit
 

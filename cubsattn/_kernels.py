@@ -129,8 +129,16 @@ def _module(filename: str, device_id: int):
                           name_expressions=list(source.name_expressions))
 
 
-def get_function(filename: str, name: str):
-    """The compiled kernel ``name`` of ``filename`` on the current device (compiled on first use)."""
+#: (filename, name, device) -> dynamic shared-memory limit already set on that function.
+_SMEM_LIMITS: dict[tuple[str, str, int], int] = {}
+
+
+def get_function(filename: str, name: str, *, dynamic_smem: int = 0):
+    """The compiled kernel ``name`` of ``filename`` on the current device (compiled on first use).
+
+    ``dynamic_smem``: bytes of dynamic shared memory the launches will use; above 48 KB the function's limit must be
+    raised first (``max_dynamic_shared_size_bytes``), which is done here once per function and device.
+    """
     import cupy
 
     source = _SOURCES[filename]
@@ -141,7 +149,12 @@ def get_function(filename: str, name: str):
     if cc < source.min_cc:
         raise RuntimeError(f"{filename} needs compute capability >= {source.min_cc / 10:.1f}; "
                            f"device {device.id} has {cc / 10:.1f}")
-    return _module(filename, device.id).get_function(name)
+    function = _module(filename, device.id).get_function(name)
+    key = (filename, name, device.id)
+    if dynamic_smem > _SMEM_LIMITS.get(key, 0):
+        function.max_dynamic_shared_size_bytes = dynamic_smem
+        _SMEM_LIMITS[key] = dynamic_smem
+    return function
 
 
 def ctype(dtype) -> str:

@@ -74,7 +74,6 @@ def _smem_bytes(head_size: int, tile: tuple[int, int, int], itemsize: int, *, pa
 
 # ---- tile schedule -----------------------------------------------------------------------------------------------
 
-_SMEM_SET: set = set()
 _SCHEDULES: collections.OrderedDict = collections.OrderedDict()
 _SCHEDULE_CACHE_SIZE = 64
 
@@ -100,19 +99,32 @@ def tile_schedule(cu_q: np.ndarray, cu_k: np.ndarray, block_m: int) -> np.ndarra
 
 
 def _device_schedule(cupy, cu_q: np.ndarray, cu_k: np.ndarray, block_m: int):
-    """Cached device int32 array ``[2 * num_tiles + 2 * (batch + 1)]``: tiles, then cu_q, then cu_k."""
+    """``(num_tiles, tiles, cu_q, cu_k)`` as device int32 views of one cached upload
+    ``[2 * num_tiles + 2 * (batch + 1)]``."""
     key = (cupy.cuda.Device().id, block_m, cu_q.tobytes(), cu_k.tobytes())
-    hit = _SCHEDULES.get(key)
-    if hit is not None:
+    entry = _SCHEDULES.get(key)
+    if entry is not None:
         _SCHEDULES.move_to_end(key)
-        return hit
-    tiles = tile_schedule(cu_q, cu_k, block_m)
-    host = np.concatenate([tiles.ravel(), cu_q.astype(np.int32), cu_k.astype(np.int32)])
-    entry = (cupy.asarray(host), tiles.shape[0])
-    _SCHEDULES[key] = entry
-    if len(_SCHEDULES) > _SCHEDULE_CACHE_SIZE:
-        _SCHEDULES.popitem(last=False)
-    return entry
+    else:
+        tiles = tile_schedule(cu_q, cu_k, block_m)
+        host = np.concatenate([tiles.ravel(), cu_q.astype(np.int32), cu_k.astype(np.int32)])
+        entry = _SCHEDULES[key] = (cupy.asarray(host), tiles.shape[0])
+        if len(_SCHEDULES) > _SCHEDULE_CACHE_SIZE:
+            _SCHEDULES.popitem(last=False)
+    schedule, num_tiles = entry
+    end_q = 2 * num_tiles + cu_q.shape[0]
+    return num_tiles, schedule[:2 * num_tiles], schedule[2 * num_tiles:end_q], schedule[end_q:]
+
+
+def _positive_scale(q, scale: float, strides: list):
+    """``(q, strides, scale * log2 e as float32)`` for kernels that need a positive scale (they fold it into one
+    FFMA inside exp2 and keep -inf masks). Scale 0 runs as 1e-30: every finite score then gives 2^0 = 1 exactly in
+    fp32, i.e. a uniform average. A negative scale runs on -q (a temporary copy; ``strides[0]`` updated) with
+    ``|scale|``."""
+    if scale < 0:
+        q = (-q.astype(np.float32)).astype(q.dtype)
+        strides = [_element_strides("q", q), *strides[1:]]
+    return q, strides, np.float32(abs(scale) * math.log2(math.e) if scale != 0 else 1e-30)
 
 
 # ---- checks ------------------------------------------------------------------------------------------------------
@@ -171,30 +183,14 @@ def prefill(q, k, v, cu_q: np.ndarray, cu_k: np.ndarray, layout: BlockSparseLayo
         return out
     tile = TILES[head_size]
     block_m, warps = tile[:2]
-    schedule, num_tiles = _device_schedule(cupy, cu_q, cu_k, block_m)
+    num_tiles, tiles, dev_cu_q, dev_cu_k = _device_schedule(cupy, cu_q, cu_k, block_m)
     if num_tiles == 0:
         return out
-    batch = cu_q.shape[0] - 1
-    tiles = schedule[:2 * num_tiles]
-    dev_cu_q = schedule[2 * num_tiles:2 * num_tiles + batch + 1]
-    dev_cu_k = schedule[2 * num_tiles + batch + 1:]
     indptr, indices = layout.csr(cupy)
 
-    name = kernel_name(q.dtype, head_size, tile)
-    kernel = _kernels.get_function(SOURCE.filename, name)
     smem = _smem_bytes(head_size, tile, q.dtype.itemsize)
-    key = (cupy.cuda.Device().id, name)
-    if key not in _SMEM_SET:  # over 48 KB needs the opt-in attribute (once per kernel and device)
-        kernel.max_dynamic_shared_size_bytes = smem
-        _SMEM_SET.add(key)
-    # The kernel needs scale > 0 (it scales inside exp2 with one FFMA and keeps -inf masks). scale 0 runs as
-    # 1e-30: every finite score then gives 2^0 = 1 exactly in fp32, i.e. a uniform average. A negative scale runs
-    # on -q (a temporary copy) with |scale|.
-    if scale < 0:
-        q = (-q.astype(cupy.float32)).astype(q.dtype)
-        q_tok, q_head = _element_strides("q", q)
-        strides[0] = (q_tok, q_head)
-    scale_log2 = np.float32(abs(scale) * math.log2(math.e) if scale != 0 else 1e-30)
+    kernel = _kernels.get_function(SOURCE.filename, kernel_name(q.dtype, head_size, tile), dynamic_smem=smem)
+    q, strides, scale_log2 = _positive_scale(q, scale, strides)
     (q_tok, q_head), (k_tok, k_head), (v_tok, v_head), (o_tok, o_head) = strides
     kernel((num_tiles * num_heads,), (warps * 32,),
            (q, np.int64(q_tok), np.int32(q_head),
@@ -236,13 +232,10 @@ def prefill_paged(q, k_new, v_new, key_cache, value_cache, block_tables, tables_
         return out
     tile = PAGED_TILES[head_size]
     block_m, warps = tile[:2]
-    schedule, num_tiles = _device_schedule(cupy, cu_q, cu_k, block_m)
+    num_tiles, tiles, dev_cu_q, dev_cu_k = _device_schedule(cupy, cu_q, cu_k, block_m)
     if num_tiles == 0:
         return out
     batch = cu_q.shape[0] - 1
-    tiles = schedule[:2 * num_tiles]
-    dev_cu_q = schedule[2 * num_tiles:2 * num_tiles + batch + 1]
-    dev_cu_k = schedule[2 * num_tiles + batch + 1:]
     indptr, indices = layout.csr(cupy)
     if (isinstance(block_tables, cupy.ndarray) and block_tables.dtype == np.int32
             and block_tables.flags.c_contiguous):
@@ -252,17 +245,10 @@ def prefill_paged(q, k_new, v_new, key_cache, value_cache, block_tables, tables_
     if dev_tables.shape[1] == 0:  # no context anywhere: the kernel never reads the table
         dev_tables = cupy.zeros((batch, 1), np.int32)
 
-    name = paged_kernel_name(q.dtype, fp8, head_size)
-    kernel = _kernels.get_function(PAGED_SOURCE.filename, name)
     smem = _smem_bytes(head_size, tile, q.dtype.itemsize, paged=True)
-    key = (cupy.cuda.Device().id, name)
-    if key not in _SMEM_SET:
-        kernel.max_dynamic_shared_size_bytes = smem
-        _SMEM_SET.add(key)
-    if scale < 0:  # as in prefill(): the kernel needs scale > 0
-        q = (-q.astype(cupy.float32)).astype(q.dtype)
-        strides[0] = _element_strides("q", q)
-    scale_log2 = np.float32(abs(scale) * math.log2(math.e) if scale != 0 else 1e-30)
+    kernel = _kernels.get_function(PAGED_SOURCE.filename, paged_kernel_name(q.dtype, fp8, head_size),
+                                   dynamic_smem=smem)
+    q, strides, scale_log2 = _positive_scale(q, scale, strides)
     (q_tok, q_head), (k_tok, k_head), (v_tok, v_head), (o_tok, o_head) = strides
     kernel((num_tiles * num_heads,), (warps * 32,),
            (q, np.int64(q_tok), np.int32(q_head),

@@ -7,7 +7,6 @@ Same contract as :mod:`cubsattn._prefill_cuda` (the sm_80 kernel), whose tile sc
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 
@@ -27,7 +26,6 @@ THREADS = 384
 COMPUTE_CAPABILITY = 90
 
 _DTYPES = tuple(_kernels.CTYPE)
-_SMEM_SET: set = set()
 
 
 def kernel_name(dtype, head_size: int) -> str:
@@ -83,28 +81,14 @@ def prefill(q, k, v, cu_q: np.ndarray, cu_k: np.ndarray, layout: BlockSparseLayo
         raise ValueError(f"at most 2**31 - 1 tokens per call, got {int(cu_q[-1])} queries and {int(cu_k[-1])} keys")
     if num_q_tokens == 0:
         return out
-    schedule, num_tiles = _prefill_cuda._device_schedule(cupy, cu_q, cu_k, BLOCK_M)
+    num_tiles, tiles, dev_cu_q, dev_cu_k = _prefill_cuda._device_schedule(cupy, cu_q, cu_k, BLOCK_M)
     if num_tiles == 0:
         return out
-    batch = cu_q.shape[0] - 1
-    tiles = schedule[:2 * num_tiles]
-    dev_cu_q = schedule[2 * num_tiles:2 * num_tiles + batch + 1]
-    dev_cu_k = schedule[2 * num_tiles + batch + 1:]
     indptr, indices = layout.csr(cupy)
 
-    name = kernel_name(q.dtype, head_size)
-    kernel = _kernels.get_function(SOURCE.filename, name)
     smem = smem_bytes(head_size)
-    key = (cupy.cuda.Device().id, name)
-    if key not in _SMEM_SET:  # over 48 KB needs the opt-in attribute (once per kernel and device)
-        kernel.max_dynamic_shared_size_bytes = smem
-        _SMEM_SET.add(key)
-    # As on the sm_80 path: the kernel needs scale > 0 (one FFMA inside exp2, -inf masks kept). Scale 0 runs as
-    # 1e-30 (every finite score gives 2^0 = 1 in fp32: a uniform average); a negative scale runs on -q.
-    if scale < 0:
-        q = (-q.astype(cupy.float32)).astype(q.dtype)
-        strides[0] = _prefill_cuda._element_strides("q", q)
-    scale_log2 = np.float32(abs(scale) * math.log2(math.e) if scale != 0 else 1e-30)
+    kernel = _kernels.get_function(SOURCE.filename, kernel_name(q.dtype, head_size), dynamic_smem=smem)
+    q, strides, scale_log2 = _prefill_cuda._positive_scale(q, scale, strides)
     (q_tok, q_head), (k_tok, k_head), (v_tok, v_head), (o_tok, o_head) = strides
     kernel((num_tiles * num_heads,), (THREADS,),
            (q, np.int64(q_tok), np.int32(q_head),
