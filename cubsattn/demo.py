@@ -97,8 +97,9 @@ class AttentionStack:
         self.w_qkv, self.w_o, self.impls, self.caches = [], [], [], []
         for i in range(c.num_layers):
             dense = c.dense_every > 0 and (i + 1) % c.dense_every == 0
-            w_qkv = rng.standard_normal((c.hidden_size, qkv_out), np.float32) / np.sqrt(c.hidden_size)
-            w_o = rng.standard_normal((c.num_heads * D, c.hidden_size), np.float32) / np.sqrt(c.num_heads * D)
+            # Python-float scales keep the weights float32 (a NumPy float64 scalar would promote them to float64).
+            w_qkv = rng.standard_normal((c.hidden_size, qkv_out), np.float32) * float(c.hidden_size ** -0.5)
+            w_o = rng.standard_normal((c.num_heads * D, c.hidden_size), np.float32) * float((c.num_heads * D) ** -0.5)
             self.w_qkv.append(xp.asarray(np.ascontiguousarray(w_qkv[:, cols])))
             self.w_o.append(xp.asarray(np.ascontiguousarray(w_o[rows])))
             full = c.params(dense)
