@@ -1,8 +1,11 @@
 """Backend costs on the GPU: host overhead of one decode step, and CUDA-graph replay vs the kernels' own time.
 
-1. Host overhead: building the metadata of a 256-sequence decode step (allocator + one transfer) and dispatching
+1. Host overhead: building the metadata of a 256-sequence decode step (allocator + one H2D transfer) and dispatching
    one layer's forward (cache write + decode launch), timed on the host while the GPU runs asynchronously.
 2. decode-64x8k (Phi-3-small, bf16, cache block 16): eager forward vs graph replay vs the kernels alone.
+
+Options: ``--host-only`` (part 1 only), ``--profile`` (cProfile of the build and the dispatch), ``--ops`` (host cost
+of the CuPy calls a step is made of, to see what the total is made of on this machine).
 """
 
 from __future__ import annotations
@@ -34,8 +37,10 @@ def setup(batch, context, extra_tokens=1):
     blocks = batch * (-(-(context + extra_tokens) // CACHE_BS)) + 1
     impl = BlocksparseFlashAttentionImpl(H, D, 1 / D, HKV, None, None, "auto", PARAMS)
     rng = np.random.default_rng(0)
-    cache = cupy.asarray(rng.standard_normal(PagedAttention.get_kv_cache_shape(blocks, CACHE_BS, HKV, D),
-                                             np.float32).astype(BF16))
+    shape = PagedAttention.get_kv_cache_shape(blocks, CACHE_BS, HKV, D)
+    # Gigabytes of cache: every block gets the same random contents (generating them all on the host takes minutes).
+    cache = cupy.empty(shape, dtype=BF16)
+    cache[...] = cupy.asarray(rng.standard_normal(shape[2], np.float32).astype(BF16))
     alloc = BlockAllocator(blocks, CACHE_BS)
     handles = [alloc.add_sequence() for _ in range(batch)]
     alloc.append_tokens(handles, context)
@@ -45,8 +50,12 @@ def setup(batch, context, extra_tokens=1):
     return impl, cache, alloc, builder, handles, q, kv
 
 
+def _median_us(times) -> float:
+    return float(np.median(times[10:])) * 1e6
+
+
 def host_overhead(batch=256, context=2048, steps=200):
-    impl, cache, alloc, builder, handles, q, kv = setup(batch, context, steps)
+    impl, cache, alloc, builder, handles, q, kv = setup(batch, context, 2 * steps + 200)
     out = cupy.empty_like(q)
     times_build, times_fwd = [], []
     for i in range(steps):
@@ -60,17 +69,101 @@ def host_overhead(batch=256, context=2048, steps=200):
         if i % 16 == 0:
             cupy.cuda.get_current_stream().synchronize()
     cupy.cuda.get_current_stream().synchronize()
-    b, f = np.median(times_build[10:]) * 1e6, np.median(times_fwd[10:]) * 1e6
+    b, f = _median_us(times_build), _median_us(times_fwd)
+    print(f"host overhead, decode step of {batch} sequences: build metadata {b:.0f} us + dispatch one layer "
+          f"{f:.0f} us = {b + f:.0f} us (target <= 100 us)")
+    # The same step with the GPU idle between steps (synchronised before each): no queueing behind earlier steps.
+    times_build, times_fwd = [], []
+    for i in range(100):
+        cupy.cuda.get_current_stream().synchronize()
+        t0 = time.perf_counter()
+        meta = builder.build([], handles)
+        t1 = time.perf_counter()
+        impl.forward(q, kv, kv, cache, meta, output=out)
+        t2 = time.perf_counter()
+        times_build.append(t1 - t0)
+        times_fwd.append(t2 - t1)
+    cupy.cuda.get_current_stream().synchronize()
+    b, f = _median_us(times_build), _median_us(times_fwd)
+    print(f"  same, GPU idle at each step start: build {b:.0f} us + dispatch {f:.0f} us = {b + f:.0f} us")
+    host = BlocksparseMetadataBuilder(alloc)
+    times = []
+    for _ in range(100):
+        t0 = time.perf_counter()
+        host.build([], handles)
+        times.append(time.perf_counter() - t0)
+    print(f"  build with NumPy metadata (host only, no transfer): {_median_us(times):.0f} us")
     if PROFILE:
         import cProfile
         import pstats
 
-        meta = builder.build([], handles)
-        cProfile.runctx("for _ in range(100): impl.forward(q, kv, kv, cache, meta, output=out)", globals(),
-                        dict(impl=impl, q=q, kv=kv, cache=cache, meta=meta, out=out), "/tmp/forward.prof")
-        pstats.Stats("/tmp/forward.prof").sort_stats("tottime").print_stats(15)
-    print(f"host overhead, decode step of {batch} sequences: build metadata {b:.0f} us + dispatch one layer "
-          f"{f:.0f} us = {b + f:.0f} us (target <= 100 us)")
+        env = dict(impl=impl, q=q, kv=kv, cache=cache, out=out, builder=builder, handles=handles,
+                   meta=builder.build([], handles))
+        for name, stmt in (("build", "for _ in range(100): builder.build([], handles)"),
+                           ("forward", "for _ in range(100): impl.forward(q, kv, kv, cache, meta, output=out)")):
+            cupy.cuda.get_current_stream().synchronize()
+            cProfile.runctx(stmt, globals(), env, f"/tmp/{name}.prof")
+            print(f"--- cProfile: 100 x {name}")
+            pstats.Stats(f"/tmp/{name}.prof").sort_stats("tottime").print_stats(14)
+        cupy.cuda.get_current_stream().synchronize()
+    if OPS:
+        host_ops(impl, cache, builder, handles, q, kv, out)
+
+
+def _per_call_us(fn, n=2000) -> float:
+    for _ in range(50):
+        fn()
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        best = min(best, (time.perf_counter() - t0) / n)
+        cupy.cuda.get_current_stream().synchronize()
+    return best * 1e6
+
+
+def host_ops(impl, cache, builder, handles, q, kv, out):
+    """Host microseconds of the CuPy calls a decode step is made of (best of 5 loops)."""
+    from cubsattn import decode as dec
+    from cubsattn import kv_cache as kvc
+
+    a = cupy.empty(40000, dtype=np.int32)
+    pinned = cupy.cuda.alloc_pinned_memory(a.nbytes)
+    stream = cupy.cuda.get_current_stream()
+    event = cupy.cuda.Event(block=False, disable_timing=True)
+    meta = builder.build([], handles)
+    plan = next(iter(impl._plans.values()))
+    key_cache, value_cache = PagedAttention.split_kv_cache(cache, HKV, D)
+    k3, q3, o3 = kv.reshape(-1, HKV, D), q.reshape(-1, H, D), out.reshape(-1, H, D)
+    rt = cupy.cuda.runtime
+    ops = [
+        ("slice a[10:300]", lambda: a[10:300]),
+        ("reshape a[:36864].reshape(256, 144)", lambda: a[:36864].reshape(256, 144)),
+        ("view a[:512].view(int64)", lambda: a[:512].view(np.int64)),
+        ("int index cache[0]", lambda: cache[0]),
+        ("cupy.ndarray from memptr", lambda: cupy.ndarray((256,), np.int32, a.data + 1024)),
+        ("cupy.empty(40000 int32)", lambda: cupy.empty(40000, dtype=np.int32)),
+        ("cupy.empty_like(q)", lambda: cupy.empty_like(q)),
+        ("getDevice", rt.getDevice),
+        ("get_current_stream", cupy.cuda.get_current_stream),
+        ("memcpyAsync 147 KB pinned", lambda: rt.memcpyAsync(a.data.ptr, pinned.ptr, 147456,
+                                                             rt.memcpyHostToDevice, stream.ptr)),
+        ("event.record", lambda: event.record(stream)),
+        ("event.done", lambda: event.done),
+        ("cupy.asarray(numpy 147 KB)", lambda: cupy.asarray(np.empty(36864, np.int32))),
+        ("write launch (write_validated)", lambda: kvc.write_validated(k3, k3, key_cache, value_cache,
+                                                                       meta.slot_mapping, fp8=False, k_scale=1.0,
+                                                                       v_scale=1.0)),
+        ("decode launch (launch_validated)", lambda: dec.launch_validated(q3, key_cache, value_cache,
+                                                                          meta.block_tables, meta.seq_lens_tensor,
+                                                                          o3, plan[-1])),
+        ("plan key (_decode_plan_key)", lambda: impl._decode_plan_key(q, kv, kv, cache, meta, 1.0, 1.0, out)),
+    ]
+    print("--- host cost of single calls (us, best of 5 loops)")
+    for name, fn in ops:
+        n = 200 if "launch" in name else 2000
+        print(f"  {name:40s} {_per_call_us(fn, n):7.2f}")
 
 
 def graph_replay(batch=64, context=8192 - 1):
@@ -112,9 +205,11 @@ def graph_replay(batch=64, context=8192 - 1):
 
 
 PROFILE = "--profile" in sys.argv
+OPS = "--ops" in sys.argv
 
 if __name__ == "__main__":
     name = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)["name"].decode()
     print(f"device: {name}, CuPy {cupy.__version__}, bf16")
     host_overhead()
-    graph_replay()
+    if "--host-only" not in sys.argv:
+        graph_replay()

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
+import sys
 from dataclasses import dataclass, replace
-
 
 from . import decode as _decode
 from . import kv_cache as _kv
@@ -22,6 +23,8 @@ from .params import BlocksparseParams
 
 #: slot_mapping value of a token whose K/V must not be written (profiling runs, CUDA-graph padding).
 PAD_SLOT_ID = -1
+#: Validated decode signatures kept per layer (a serving loop sees a few batch sizes; more are re-validated).
+_MAX_PLANS = 256
 
 
 @dataclass
@@ -146,6 +149,8 @@ class BlocksparseFlashAttentionImpl:
         self.kv_cache_dtype = kv_cache_dtype
         self.params = p
         self.layout = BlockSparseLayout.from_params(p)
+        # Decode-only GPU steps whose array signature passed every check once (see _decode_plan_key).
+        self._plans: dict[tuple, tuple] = {}
 
     def forward(self, query, key, value, kv_cache, attn_metadata: BlocksparseFlashAttentionMetadata,
                 k_scale: float = 1.0, v_scale: float = 1.0, output=None):
@@ -163,6 +168,12 @@ class BlocksparseFlashAttentionImpl:
         -------
         ``[T, num_heads * head_size]`` in query's dtype.
         """
+        m = attn_metadata
+        plan_key = self._decode_plan_key(query, key, value, kv_cache, m, k_scale, v_scale, output)
+        if plan_key is not None:
+            plan = self._plans.get(plan_key)
+            if plan is not None:
+                return self._forward_planned(plan, query, key, value, kv_cache, m, output)
         query, key, value, kv_cache, output = (as_array(a) for a in (query, key, value, kv_cache, output))
         xp = array_module(query, key, value, kv_cache, output)
         T = query.shape[0] if query.ndim else 0
@@ -170,7 +181,6 @@ class BlocksparseFlashAttentionImpl:
         check_array("query", query, shape=(None, H * D))
         check_array("key", key, shape=(T, Hkv * D))
         check_array("value", value, shape=(T, Hkv * D))
-        m = attn_metadata
         if m.num_tokens != T:
             raise ValueError(f"attn_metadata describes {m.num_tokens} tokens but query has {T}")
         if output is None:
@@ -207,15 +217,76 @@ class BlocksparseFlashAttentionImpl:
                 blocksparse_prefill_paged(q[:P], k[:P], v[:P], key_cache, value_cache, pm.block_tables, cu_q, context,
                                           self.layout, sm_scale=self.scale, out=out[:P],
                                           kv_cache_dtype=self.kv_cache_dtype, k_scale=k_scale, v_scale=v_scale)
-        if m.decode_metadata is not None:
+        if m.num_decode_tokens:
             if not has_cache:
                 raise ValueError("decode tokens need the paged kv_cache")
-            dm = m.decode_metadata
-            p = self.params
-            _decode.forward_decode(q[P:], key_cache, value_cache, dm.block_tables, dm.seq_lens_tensor,
-                                   p.max_seqlen, self.kv_cache_dtype, Hkv, self.scale, None, k_scale, v_scale,
-                                   p.tp_rank, p.local_blocks, p.vert_stride, p.block_size, p.head_sliding_step,
-                                   out=out[P:])
+            # A decode-only batch is its own decode part: no sliced metadata view needed.
+            dm = m.decode_metadata if m.num_prefills else m
+            q_dec, out_dec = (q[P:], out[P:]) if P else (q, out)
+            args = (q_dec, key_cache, value_cache, dm.block_tables, dm.seq_lens_tensor, *self._decode_args(k_scale,
+                                                                                                     v_scale))
+            _decode.forward_decode(*args, out=out_dec)
+            if plan_key is not None:
+                launch = _decode.validated_launch(*args, out=out_dec)
+                if launch is not None:
+                    fp8 = self.kv_cache_dtype != "auto"
+                    scales = (_kv._scale("k_scale", k_scale), _kv._scale("v_scale", v_scale)) if fp8 else (1.0, 1.0)
+                    if len(self._plans) >= _MAX_PLANS:
+                        self._plans.clear()
+                    self._plans[plan_key] = (key_cache.shape, value_cache.shape,
+                                             key_cache.shape[0] * key_cache.shape[3], fp8, *scales, launch)
+        return output
+
+    def _decode_args(self, k_scale, v_scale) -> tuple:
+        """The scalar arguments of this layer's :func:`~cubsattn.decode.forward_decode` calls."""
+        p = self.params
+        return (p.max_seqlen, self.kv_cache_dtype, self.num_kv_heads, self.scale, None, k_scale, v_scale, p.tp_rank,
+                p.local_blocks, p.vert_stride, p.block_size, p.head_sliding_step)
+
+    def _decode_plan_key(self, query, key, value, kv_cache, m, k_scale, v_scale, output):
+        """Hashable key of a decode-only step on CuPy arrays, or None (any other step takes the checked path).
+
+        Every check of :meth:`forward`, of the cache write and of the decode call depends on the arrays' shapes,
+        strides and dtypes, the cache's alignment, the scales and the metadata's counts only, so a key that passed
+        them once passes them again. Values are not in it: the slot bound is checked against the builder's host-side
+        ``max_slot`` on every call, and the kernels skip out-of-range slots and block ids and clamp lengths. Metadata
+        without ``max_slot`` (made by hand) outside a CUDA graph takes the checked path, which reads the slots back.
+        """
+        if m.num_prefills or not m.num_decode_tokens or (m.max_slot is None and not m.use_cuda_graph):
+            return None
+        cupy = sys.modules.get("cupy")
+        if cupy is None:
+            return None
+        nd = cupy.ndarray
+        sm, bt, sl = m.slot_mapping, m.block_tables, m.seq_lens_tensor
+        if not (type(query) is nd and type(key) is nd and type(value) is nd and type(kv_cache) is nd
+                and type(sm) is nd and type(bt) is nd and type(sl) is nd and (output is None or type(output) is nd)):
+            return None
+        if not (isinstance(k_scale, numbers.Real) and isinstance(v_scale, numbers.Real)):
+            return None  # scales in arrays: their values are read on the checked path
+        sig = (query.shape, query.strides, query.dtype, key.shape, key.strides, key.dtype, value.shape,
+               value.strides, value.dtype, kv_cache.shape, kv_cache.strides, kv_cache.dtype,
+               kv_cache.data.ptr % 16 == 0,
+               None if output is None else (output.shape, output.strides, output.dtype),
+               sm.shape, sm.strides, sm.dtype, bt.shape, bt.strides, bt.dtype, sl.shape, sl.strides, sl.dtype,
+               m.num_prefill_tokens, m.num_decode_tokens, m.use_cuda_graph, m.max_slot is None,
+               type(k_scale), k_scale, type(v_scale), v_scale, cupy.cuda.runtime.getDevice())
+        return sig
+
+    def _forward_planned(self, plan, query, key, value, kv_cache, m, output):
+        """:meth:`forward` of a decode-only step whose key passed every check before: views and two launches."""
+        key_shape, value_shape, num_slots, fp8, k_scale, v_scale, launch = plan
+        if m.max_slot is not None and m.max_slot >= num_slots:
+            raise ValueError(f"slot_mapping has slot {m.max_slot} but the cache has {num_slots} slots")
+        T = query.shape[0]
+        H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_size
+        if output is None:
+            output = sys.modules["cupy"].empty_like(query)
+        key_cache, value_cache = kv_cache[0].reshape(key_shape), kv_cache[1].reshape(value_shape)
+        _kv.write_validated(key.reshape(T, Hkv, D), value.reshape(T, Hkv, D), key_cache, value_cache, m.slot_mapping,
+                            fp8=fp8, k_scale=k_scale, v_scale=v_scale)
+        _decode.launch_validated(query.reshape(T, H, D), key_cache, value_cache, m.block_tables, m.seq_lens_tensor,
+                                 output.reshape(T, H, D), launch)
         return output
 
 

@@ -1,8 +1,10 @@
 """Block allocator for the paged KV cache: per-sequence block tables, slot mappings, fork with copy-on-write.
 
-Plain NumPy bookkeeping on the host. Sequences are identified by integer handles (rows of an internal table), so a
-whole batch is processed with a handful of vectorised NumPy operations: a 256-sequence decode step's slot mapping and
-block table take tens of microseconds, not one Python iteration per sequence.
+Plain NumPy bookkeeping on the host. Sequences are identified by integer handles (rows of persistent per-handle
+arrays), so a whole batch is processed with a handful of vectorised NumPy operations, not one Python iteration per
+sequence. A decode step (:meth:`BlockAllocator.append_decode`) is the hot path of a serving loop: it skips the
+copy-on-write planning while no block is shared, reuses the validation of the previous step's handles while no
+sequence was added or freed, and reads whole table rows as one slice when the handles are consecutive.
 
 One step of a serving loop::
 
@@ -17,8 +19,9 @@ One step of a serving loop::
     alloc.free([a, b, c])
 
 Invariants: a block is either on the free list (reference count 0) or referenced by exactly ``ref_counts()[blk]``
-sequence tables; only the last, partially filled block of a sequence can need a copy before a write. An operation
-that cannot get enough blocks raises :class:`OutOfBlocksError` before changing anything.
+sequence tables; a sequence of ``n`` tokens holds exactly ``ceil(n / block_size)`` blocks; only the last, partially
+filled block of a sequence can need a copy before a write. An operation that cannot get enough blocks raises
+:class:`OutOfBlocksError` before changing anything.
 """
 
 from __future__ import annotations
@@ -28,6 +31,15 @@ import numpy as np
 from ._checks import check_int
 
 __all__ = ["BlockAllocator", "OutOfBlocksError"]
+
+
+_NO_COW = np.empty((0, 2), dtype=np.int64)
+_NO_COW.flags.writeable = False
+
+
+def _is_one(n) -> bool:
+    """``num_new_tokens`` is the plain int 1 (a decode step)."""
+    return type(n) is int and n == 1
 
 
 class OutOfBlocksError(RuntimeError):
@@ -65,6 +77,12 @@ class BlockAllocator:
         self._mark = np.zeros(16, dtype=np.int64)  # scratch for duplicate-handle detection
         self._spare_rows: list[int] = []
         self._next_row = 0
+        # Bumped whenever the set of live handles changes: a validated handle batch stays valid until then.
+        self._version = 0
+        self._validated = None  # (version, rows, slice of rows when consecutive) of the last validated batch
+        # False only while no block has more than one holder (no fork since the last check): decode steps then need
+        # no copy-on-write planning.
+        self._maybe_shared = False
 
     # -----------------------------------------------------------------------------------------------------------
     # Queries
@@ -85,24 +103,31 @@ class BlockAllocator:
         """int32 ``[B]``: tokens stored for each sequence."""
         return self._lens[self._rows(handles)].astype(np.int32)
 
-    def block_tables(self, handles, *, width: int | None = None) -> np.ndarray:
+    def block_tables(self, handles, *, width: int | None = None, out: np.ndarray | None = None) -> np.ndarray:
         """int32 ``[B, width]``: each sequence's block ids in order, 0-padded.
 
         ``width`` defaults to the largest block count in the batch (at least 1); a smaller width is an error.
+        ``out``, optional: an int32 ``[B, width]`` array to fill (e.g. a staging buffer) instead of a new one.
         """
-        return self._tables_of(self._rows(handles), width)
+        return self._tables_of(self._rows(handles), width, out)
 
-    def _tables_of(self, rows, width):
+    def _tables_of(self, rows, width, out=None):
         need = int(self._nblocks[rows].max(initial=0))
         if width is None:
             width = max(need, 1)
         width = check_int("width", width, minimum=0)
         if width < need:
             raise ValueError(f"width ({width}) must be >= the largest block count in the batch ({need})")
-        if width <= self._tables.shape[1]:
-            return self._tables[rows, :width]
-        out = np.zeros((rows.size, width), dtype=np.int32)
-        out[:, : self._tables.shape[1]] = self._tables[rows]
+        if out is None:
+            out = np.empty((rows.size, width), dtype=np.int32)
+        elif not isinstance(out, np.ndarray) or out.dtype != np.int32 or out.shape != (rows.size, width):
+            raise ValueError(f"out must be an int32 NumPy array of shape [{rows.size}, {width}], got "
+                             f"{type(out).__name__} {getattr(out, 'dtype', '')} {list(getattr(out, 'shape', ()))}")
+        cols = min(width, self._tables.shape[1])
+        span = self._span(rows)
+        # Consecutive handles (the usual batch) read their rows as one slice instead of a gather.
+        out[:, :cols] = self._tables[span, :cols] if span is not None else self._tables[rows, :cols]
+        out[:, cols:] = 0
         return out
 
     def blocks_needed(self, handles, num_new_tokens) -> int:
@@ -118,6 +143,7 @@ class BlockAllocator:
         """A new empty sequence; returns its handle."""
         row = self._new_row()
         self._alive[row] = True
+        self._version += 1
         return row
 
     def fork(self, handle) -> int:
@@ -132,6 +158,8 @@ class BlockAllocator:
         self._tables[child, :n] = self._tables[parent, :n]
         self._refs[self._tables[parent, :n]] += 1  # a table never holds a block twice
         self._lens[child], self._nblocks[child], self._alive[child] = self._lens[parent], n, True
+        self._maybe_shared = self._maybe_shared or n > 0
+        self._version += 1
         return child
 
     def free(self, handles) -> None:
@@ -148,6 +176,9 @@ class BlockAllocator:
         self._nblocks[rows] = 0
         self._alive[rows] = False
         self._spare_rows.extend(rows.tolist())
+        self._version += 1
+        if self._maybe_shared:
+            self._maybe_shared = bool((self._refs > 1).any())
 
     def append_tokens(self, handles, num_new_tokens):
         """Reserve slots for the next ``num_new_tokens`` positions of each sequence.
@@ -171,8 +202,45 @@ class BlockAllocator:
         OutOfBlocksError
             Fewer free blocks than needed; nothing changed.
         """
-        rows, counts = self._rows(handles), self._counts(handles, num_new_tokens)
-        return self._append(rows, counts)
+        rows = self._rows(handles)
+        if _is_one(num_new_tokens):
+            _, slots, cow, _ = self._append_ones(rows)
+            return slots, cow
+        return self._append(rows, self._counts(handles, num_new_tokens))
+
+    def append_decode(self, handles, *, width: int | None = None):
+        """A decode step: one new token for each sequence (``append_tokens(handles, 1)``, and what its metadata needs).
+
+        Parameters
+        ----------
+        handles : int or integer ``[B]``, distinct live sequences.
+        width : int, optional
+            Block-table width; default the largest block count after the append (at least 1). A smaller width
+            raises before anything changes.
+
+        Returns
+        -------
+        context_lens : int64 ``[B]``: tokens stored before this step (the new token's position).
+        slot_mapping : int64 ``[B]``: the new tokens' slots.
+        cow : int64 ``[K, 2]``: as :meth:`append_tokens` (empty unless a forked, shared block is written).
+        block_tables : int32 ``[B, width]``, read-only and valid only until the allocator's next call: a view of the
+            allocator's own rows where it can be (consecutive handles), so that copying it once into a staging buffer
+            is the step's only table copy. Copy it to keep it.
+
+        Raises
+        ------
+        OutOfBlocksError, ValueError
+            Nothing changed.
+        """
+        rows = self._rows(handles)
+        context, slots, cow, width = self._append_ones(rows, width)
+        span = self._span(rows)
+        if width <= self._tables.shape[1]:
+            tables = self._tables[span if span is not None else rows, :width]
+        else:
+            tables = self._tables_of(rows, width)
+        tables.flags.writeable = False
+        return context, slots, cow, tables
 
     def append_step(self, handles, num_new_tokens, *, width: int | None = None):
         """:meth:`append_tokens`, plus what a step's metadata needs, validating the handles once.
@@ -183,10 +251,59 @@ class BlockAllocator:
         slot_mapping, cow : as :meth:`append_tokens`.
         block_tables : int32 ``[B, width]`` after the append (see :meth:`block_tables`).
         """
-        rows, counts = self._rows(handles), self._counts(handles, num_new_tokens)
-        context = self._lens[rows].copy()
-        slots, cow = self._append(rows, counts)
+        rows = self._rows(handles)
+        if _is_one(num_new_tokens):
+            context, slots, cow, _ = self._append_ones(rows, width)
+        else:
+            counts = self._counts(handles, num_new_tokens)
+            context = self._lens[rows].copy()
+            slots, cow = self._append(rows, counts)
         return context, slots, cow, self._tables_of(rows, width)
+
+    def _append_ones(self, rows, width=None):
+        """(context lens, slots, cow, table width) of appending one token to each row, the width checked (or chosen:
+        the largest block count, at least 1) first; the copy-on-write plan only when a block may be shared."""
+        bs = self.block_size
+        if self._maybe_shared:
+            width = self._check_width(width, int((-(-(self._lens[rows] + 1) // bs)).max(initial=0)))
+            context = self._lens[rows].copy()
+            slots, cow = self._append(rows, np.ones(rows.size, dtype=np.int64))
+            return context, slots, cow, width
+        span = self._span(rows)
+        at = rows if span is None else span
+        lens = self._lens[at].copy()
+        nblocks = self._nblocks[at]
+        # With n = ceil(lens / bs) blocks, the new token needs another block exactly when the last one is full.
+        full = lens == nblocks * bs
+        need = int(np.count_nonzero(full))
+        width = self._check_width(width, int(nblocks.max(initial=0)) if not need else int((nblocks + full).max()))
+        if need > self._num_free:
+            raise OutOfBlocksError(f"need {need} free blocks ({need} new, 0 copy-on-write) but only "
+                                   f"{self._num_free} of {self.num_blocks} are free")
+        if need:
+            grow_rows, cols = rows[full], nblocks[full]
+            if int(cols.max()) >= self._tables.shape[1]:
+                self._grow_columns(int(cols.max()) + 1)
+            fresh = self._pop(need)
+            self._refs[fresh] = 1
+            self._tables[grow_rows, cols] = fresh
+            self._nblocks[grow_rows] = cols + 1
+        self._lens[at] = lens + 1
+        # Flat indices into the table: one 1-D gather instead of a 2-D fancy index.
+        slots = self._tables.reshape(-1)[rows * self._tables.shape[1] + lens // bs].astype(np.int64)
+        slots *= bs
+        slots += lens % bs
+        return lens, slots, _NO_COW, width
+
+    @staticmethod
+    def _check_width(width, need: int) -> int:
+        """``width`` (default ``max(need, 1)``), at least ``need``."""
+        if width is None:
+            return max(need, 1)
+        width = check_int("width", width, minimum=0)
+        if width < need:
+            raise ValueError(f"width ({width}) must be >= the largest block count in the batch ({need})")
+        return width
 
     def _append(self, rows, counts):
         lens = self._lens[rows]
@@ -243,12 +360,17 @@ class BlockAllocator:
         return new_nblocks, grow, cow, last
 
     def _rows(self, handles) -> np.ndarray:
+        """Validated int64 rows of ``handles`` (live, distinct); do not modify the result."""
         rows = np.asarray(handles)
-        if rows.ndim > 1 or not np.issubdtype(rows.dtype, np.integer):
+        if rows.ndim > 1 or rows.dtype.kind not in "iu":
             raise TypeError(f"handles must be an int or a 1-D integer array, got {rows.dtype} shape {rows.shape}")
-        rows = rows.astype(np.int64).reshape(-1)
+        rows = rows.astype(np.int64, copy=False).reshape(-1)
         if rows.size == 0:
             return rows
+        last = self._validated
+        # The batch of the previous step, with no sequence added or freed since: already known live and distinct.
+        if last is not None and last[0] == self._version and last[1].size == rows.size and (last[1] == rows).all():
+            return last[1]
         if rows.min() < 0 or rows.max() >= self._alive.size or not self._alive[rows].all():
             bad = [int(r) for r in rows if not (0 <= r < self._alive.size and self._alive[r])]
             raise ValueError(f"handle {bad[0]} is not a live sequence")
@@ -256,7 +378,16 @@ class BlockAllocator:
         self._mark[rows] = order
         if (self._mark[rows] != order).any():
             raise ValueError(f"handles must be distinct, got {rows.tolist()}")
+        rows = rows.copy()  # the cached copy below must not change when the caller's array does
+        span = (slice(int(rows[0]), int(rows[0]) + rows.size)
+                if int(rows[-1]) - int(rows[0]) == rows.size - 1 and (np.diff(rows) == 1).all() else None)
+        self._validated = (self._version, rows, span)
         return rows
+
+    def _span(self, rows):
+        """``slice`` of consecutive increasing ``rows`` as validated last, else None (use fancy indexing)."""
+        last = self._validated
+        return last[2] if last is not None and last[1] is rows else None
 
     @staticmethod
     def _counts(handles, num_new_tokens) -> np.ndarray:

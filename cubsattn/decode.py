@@ -100,10 +100,10 @@ def forward_decode(query, key_cache, value_cache, block_tables, seq_lens, max_se
     """
     query, key_cache, value_cache, block_tables, seq_lens, out = (
         as_array(a) for a in (query, key_cache, value_cache, block_tables, seq_lens, out))
-    signature = _signature((query, key_cache, value_cache, block_tables, seq_lens), out,
-                           (max_seq_len, kv_cache_dtype, num_kv_heads, scale, k_scale, v_scale, tp_rank,
-                            blocksparse_local_blocks, blocksparse_vert_stride, blocksparse_block_size,
-                            blocksparse_head_sliding_step, num_splits)) if alibi_slopes is None else None
+    signature = _call_signature(query, key_cache, value_cache, block_tables, seq_lens, max_seq_len, kv_cache_dtype,
+                                num_kv_heads, scale, alibi_slopes, k_scale, v_scale, tp_rank,
+                                blocksparse_local_blocks, blocksparse_vert_stride, blocksparse_block_size,
+                                blocksparse_head_sliding_step, out=out, num_splits=num_splits)
     launch = _VALIDATED.get(signature) if signature is not None else None
     if launch is not None:  # this exact argument signature passed every check before: launch directly
         return _launch(query, key_cache, value_cache, block_tables, seq_lens, out, launch)
@@ -303,6 +303,32 @@ def _decode_numpy(query, key_cache, value_cache, block_tables, seq_lens, out, *,
 #: Launch arguments of GPU calls that passed validation, keyed by their argument signature (``_signature``): a
 #: repeated decode step skips ~25 checks, which cost more host time than a small step takes on the GPU.
 _VALIDATED: dict[tuple, dict] = {}
+
+
+def _call_signature(query, key_cache, value_cache, block_tables, seq_lens, max_seq_len, kv_cache_dtype, num_kv_heads,
+                    scale, alibi_slopes=None, k_scale=1.0, v_scale=1.0, tp_rank=0, blocksparse_local_blocks=0,
+                    blocksparse_vert_stride=0, blocksparse_block_size=64, blocksparse_head_sliding_step=0, *,
+                    out=None, num_splits=None):
+    """:func:`_signature` of a :func:`forward_decode` call with these arguments (None with ALiBi slopes)."""
+    if alibi_slopes is not None:
+        return None
+    return _signature((query, key_cache, value_cache, block_tables, seq_lens), out,
+                      (max_seq_len, kv_cache_dtype, num_kv_heads, scale, k_scale, v_scale, tp_rank,
+                       blocksparse_local_blocks, blocksparse_vert_stride, blocksparse_block_size,
+                       blocksparse_head_sliding_step, num_splits))
+
+
+def validated_launch(*args, **kwargs) -> dict | None:
+    """Launch arguments of an earlier :func:`forward_decode` call with the same signature that passed every check
+    and used its index arrays in place (CuPy arrays only), or None. With them, :func:`launch_validated` repeats the
+    call with new array contents and no checks (the decode kernel clamps lengths and drops out-of-range block ids)."""
+    signature = _call_signature(*args, **kwargs)
+    return _VALIDATED.get(signature) if signature is not None else None
+
+
+def launch_validated(query, key_cache, value_cache, block_tables, seq_lens, out, launch: dict):
+    """Launch the decode kernel with ``launch`` from :func:`validated_launch` (arrays of the same signature)."""
+    return _launch(query, key_cache, value_cache, block_tables, seq_lens, out, launch)
 
 
 def _signature(arrays, out, scalars):

@@ -127,6 +127,167 @@ def test_cuda_graph_padding():
         builder.build([(a, 2)], [], pad_to=4)
 
 
+def expected_metadata(ref, prefills, decodes, pad_to=None, width=None):
+    """What a step's metadata must hold, from a twin allocator driven through the general append (array counts)."""
+    handles = [h for h, _ in prefills] + list(decodes)
+    counts = np.array([n for _, n in prefills] + [1] * len(decodes), dtype=np.int64)
+    context, slots, cow, tables = ref.append_step(np.array(handles, dtype=np.int64), counts, width=width)
+    pad = 0 if pad_to is None else pad_to - len(handles)
+    seq = np.concatenate([context + counts, np.ones(pad, np.int64)])
+    counts = np.concatenate([counts, np.ones(pad, np.int64)])
+    P, T = len(prefills), int(counts[:len(prefills)].sum())
+    return dict(num_prefills=P, num_prefill_tokens=T, num_decode_tokens=len(seq) - P,
+                slot_mapping=np.concatenate([slots, np.full(pad, -1)]), seq_lens=seq.tolist(), seq_lens_tensor=seq,
+                max_query_len=int(counts.max()), max_prefill_seq_len=int(seq[:P].max(initial=0)),
+                max_decode_seq_len=int(seq[P:].max(initial=0)), query_start_loc=np.concatenate([[0], np.cumsum(counts)]),
+                seq_start_loc=np.concatenate([[0], np.cumsum(seq)]),
+                context_lens_tensor=np.concatenate([context, np.zeros(pad, np.int64)]),
+                block_tables=np.concatenate([tables, np.zeros((pad, tables.shape[1]), np.int64)]),
+                use_cuda_graph=pad_to is not None, blocks_to_copy=cow, max_slot=int(slots.max()))
+
+
+def assert_metadata_equal(m, want):
+    for name, value in want.items():
+        got = getattr(m, name)
+        if isinstance(value, np.ndarray):
+            got = got if isinstance(got, np.ndarray) else got.get()
+            assert got.dtype == (np.int64 if name in ("slot_mapping", "blocks_to_copy") else np.int32), name
+            np.testing.assert_array_equal(got, value, err_msg=name)
+        else:
+            assert got == value, name
+
+
+def random_builds(xp, rng, steps=150):
+    """Random adds, forks, frees, prefill chunks and decode steps (consecutive or scattered handles, CUDA-graph
+    padding, fixed table widths) through a builder; yields each step's metadata and its expected fields."""
+    alloc, ref = BlockAllocator(400, 8), BlockAllocator(400, 8)
+    builder = BlocksparseMetadataBuilder(alloc, xp=xp)
+    live = []
+    for _ in range(steps):
+        op = rng.integers(10)
+        if op == 0 or not live:
+            live.append(alloc.add_sequence())
+            ref.add_sequence()
+            continue
+        if op == 1:
+            parent = live[rng.integers(len(live))]
+            live.append(alloc.fork(parent))
+            ref.fork(parent)
+            continue
+        if op in (2, 3) and len(live) > 2:
+            h = live.pop(rng.integers(len(live)))
+            alloc.free(h)
+            ref.free(h)
+            continue
+        chosen = [live[i] for i in rng.permutation(len(live))[:rng.integers(1, len(live) + 1)]]
+        if op == 4:
+            prefills = [(h, int(rng.integers(1, 30))) for h in chosen[:2]]
+            args = (prefills, chosen[2:])
+            kwargs = {}
+        else:
+            decodes = sorted(chosen) if op % 2 else chosen
+            args = ([], decodes)
+            kwargs = dict(pad_to=len(decodes) + int(rng.integers(3))) if op == 5 else {}
+            if op == 6 and int(ref.seq_lens(decodes).max()) < 60 * 8:
+                kwargs["block_table_width"] = 60
+        handles = [h for h, _ in args[0]] + list(args[1])
+        if alloc.blocks_needed(handles, [n for _, n in args[0]] + [1] * len(args[1])) > alloc.num_free_blocks:
+            continue
+        yield builder.build(*args, **kwargs), expected_metadata(ref, *args, kwargs.get("pad_to"),
+                                                                kwargs.get("block_table_width"))
+
+
+def test_builder_fields_over_random_schedules(rng):
+    for m, want in random_builds(np, rng):
+        assert_metadata_equal(m, want)
+
+
+@pytest.mark.gpu
+def test_cupy_builder_fields_over_random_schedules(rng):
+    """Device metadata equals the expected fields, checked after all steps were built: more steps than staging
+    buffers, so a reused pinned buffer must not have changed an earlier step's arrays."""
+    cupy = pytest.importorskip("cupy")
+    from cubsattn.metadata_builder import MAX_STAGING_BUFFERS
+
+    steps = list(random_builds(cupy, rng, steps=250))
+    assert len(steps) > MAX_STAGING_BUFFERS
+    cupy.cuda.get_current_stream().synchronize()
+    for m, want in steps:
+        assert isinstance(m.block_tables, cupy.ndarray) and isinstance(m.blocks_to_copy, np.ndarray)
+        assert_metadata_equal(m, want)
+
+
+def _decode_setup(cupy, rng, kv_cache_dtype, num_seqs=5):
+    shape = PagedAttention.get_kv_cache_shape(64, 16, HKV, D)
+    host = (rng.standard_normal(shape).astype(BF16) if kv_cache_dtype == "auto"
+            else rng.integers(0, 120, shape).astype(np.uint8))
+    alloc = BlockAllocator(64, 16)
+    handles = [alloc.add_sequence() for _ in range(num_seqs)]
+    alloc.append_tokens(handles, rng.integers(20, 150, num_seqs))
+    return host, alloc, handles, BlocksparseMetadataBuilder(alloc, xp=cupy)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "fp8"])
+def test_planned_decode_equals_checked_path(rng, monkeypatch, kv_cache_dtype):
+    """Repeated decode steps take the planned path (no checks, no write_to_paged_cache call) and give the same
+    output and cache, bit for bit, as a fresh layer's checked path; a new cache or new scales are honoured."""
+    cupy = pytest.importorskip("cupy")
+    from cubsattn import kv_cache as kvc
+
+    calls = []
+    checked_write = kvc.write_to_paged_cache
+    monkeypatch.setattr(kvc, "write_to_paged_cache", lambda *a, **k: calls.append(1) or checked_write(*a, **k))
+    host, alloc, handles, builder = _decode_setup(cupy, rng, kv_cache_dtype)
+    impl = BlocksparseFlashAttentionImpl(H, D, 1 / D, HKV, None, None, kv_cache_dtype, PARAMS)
+    caches = [cupy.asarray(host), cupy.asarray(host)]
+    for step, (scales, cache_index) in enumerate([((1.0, 1.0), 0), ((1.0, 1.0), 0), ((0.5, 0.25), 0),
+                                                   ((0.5, 0.25), 1), ((0.5, 0.25), 1)]):
+        m = builder.build([], handles)
+        q = cupy.asarray(rng.standard_normal((len(handles), H * D)).astype(BF16))
+        k, v = (cupy.asarray(rng.standard_normal((len(handles), HKV * D)).astype(BF16)) for _ in range(2))
+        cache = caches[cache_index]
+        reference = cache.copy()
+        fresh = BlocksparseFlashAttentionImpl(H, D, 1 / D, HKV, None, None, kv_cache_dtype, PARAMS)
+        want = fresh.forward(q, k, v, reference, m, *scales)
+        before = len(calls)
+        out = cupy.full((len(handles), H * D), np.nan, dtype=BF16)
+        got = impl.forward(q, k, v, cache, m, *scales, output=out)
+        planned = len(calls) == before
+        # The first step and the first one with new scales (a new signature) go through the checks; a new cache
+        # of the same shape does not need them.
+        assert planned == (step in (1, 3, 4)), step
+        assert got is out
+        np.testing.assert_array_equal(got.get().view(np.uint16), want.get().view(np.uint16))
+        np.testing.assert_array_equal(cache.get().view(np.uint8), reference.get().view(np.uint8))
+
+
+@pytest.mark.gpu
+def test_planned_decode_keeps_user_facing_checks(rng):
+    cupy = pytest.importorskip("cupy")
+    host, alloc, handles, builder = _decode_setup(cupy, rng, "auto")
+    impl = BlocksparseFlashAttentionImpl(H, D, 1 / D, HKV, None, None, "auto", PARAMS)
+    cache = cupy.asarray(host)
+    n = len(handles)
+    q = cupy.asarray(rng.standard_normal((n, H * D)).astype(BF16))
+    kv = cupy.asarray(rng.standard_normal((n, HKV * D)).astype(BF16))
+    m = builder.build([], handles)
+    impl.forward(q, kv, kv, cache, m)
+    impl.forward(q, kv, kv, cache, m)                   # planned from now on
+    assert impl._plans
+    with pytest.raises(ValueError, match="slot_mapping has slot 1024 but the cache has 1024 slots"):
+        impl.forward(q, kv, kv, cache, dataclasses.replace(m, max_slot=1024))
+    bad = cupy.asarray(np.full(n, 5000, dtype=np.int64))     # hand-made metadata without max_slot: slots read back
+    with pytest.raises(ValueError, match=r"slot_mapping\[0\] \(5000\) is out of range"):
+        impl.forward(q, kv, kv, cache, dataclasses.replace(m, slot_mapping=bad, max_slot=None))
+    with pytest.raises(TypeError, match="output dtype"):
+        impl.forward(q, kv, kv, cache, m, output=cupy.empty((n, H * D), dtype=np.float16))
+    with pytest.raises(ValueError, match="attn_metadata describes"):
+        impl.forward(q[:2], kv[:2], kv[:2], cache, m)
+    with pytest.raises(TypeError, match="key_cache has dtype float16"):
+        impl.forward(q, kv, kv, cache.view(np.float16), m)
+
+
 def test_backend_static_api():
     B = BlocksparseFlashAttentionBackend
     assert B.get_name() == "BLOCK_SPARSE_FLASH_ATTN"

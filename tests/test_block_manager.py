@@ -186,6 +186,10 @@ def test_tables_grow_beyond_initial_storage():
     assert alloc.block_tables(handles).shape == (40, 50)
     assert alloc.block_tables(handles, width=80)[:, 50:].sum() == 0
     check_invariants(alloc, {h: 100 for h in handles})
+    alloc.append_tokens(handles, 28)                    # 64 blocks each: every stored column is in use
+    _, slots, _, tables = alloc.append_decode(handles)  # the decode step opens a 65th block per sequence
+    assert tables.shape == (40, 65) and (slots == tables[:, 64].astype(np.int64) * 2).all()
+    check_invariants(alloc, {h: 129 for h in handles})
 
 
 def test_decode_step_bookkeeping_is_fast():
@@ -201,3 +205,98 @@ def test_decode_step_bookkeeping_is_fast():
         alloc.seq_lens(handles)
         times.append(time.perf_counter() - t)
     assert np.median(times) < 100e-6, f"median {np.median(times) * 1e6:.0f} us"
+
+
+def test_append_decode_matches_the_general_path(rng):
+    """Decode steps through append_decode (fast path, consecutive or scattered handles, with and without forks)
+    give the slots, copy-on-write pairs and tables of the general append (array counts) on a twin allocator."""
+    bs = 4
+    fast, ref = BlockAllocator(200, bs), BlockAllocator(200, bs)
+    live: dict[int, int] = {}
+    for step in range(400):
+        op = rng.integers(12)      # forks are rare, so most decode steps find no shared block (the fast path)
+        if op in (0, 1) or not live:
+            h = fast.add_sequence()
+            assert ref.add_sequence() == h
+            live[h] = 0
+        elif op == 2:
+            parent = int(rng.choice(list(live)))
+            h = fast.fork(parent)
+            assert ref.fork(parent) == h
+            live[h] = live[parent]
+        elif op in (3, 4, 5) and len(live) > 1:
+            h = int(rng.choice(list(live)))
+            fast.free([h])
+            ref.free([h])
+            del live[h]
+        elif op == 6:
+            handles = rng.choice(list(live), size=rng.integers(1, len(live) + 1), replace=False)
+            counts = rng.integers(0, 7, size=handles.size)
+            try:
+                got = fast.append_tokens(handles, counts)
+            except OutOfBlocksError:
+                continue
+            want = ref.append_tokens(handles, counts)
+            for x, y in zip(got, want):
+                np.testing.assert_array_equal(x, y)
+            live.update({hd: live[hd] + n for hd, n in zip(handles.tolist(), counts.tolist())})
+        else:
+            handles = np.array(sorted(live)) if op % 2 else rng.permutation(list(live))
+            width = None if rng.integers(2) else int(max(-(-(live[hd] + 1) // bs) for hd in handles.tolist())) + 2
+            try:
+                context, slots, cow, tables = fast.append_decode(handles, width=width)
+            except OutOfBlocksError:
+                continue
+            ones = np.ones(handles.size, dtype=np.int64)
+            for x, y in zip((context, slots, cow, tables), ref.append_step(handles, ones, width=width)):
+                np.testing.assert_array_equal(x, y)
+            assert not tables.flags.writeable and slots.dtype == np.int64 and tables.dtype == np.int32
+            assert context.tolist() == [live[hd] for hd in handles.tolist()]
+            for hd in handles.tolist():
+                live[hd] += 1
+        np.testing.assert_array_equal(fast.ref_counts(), ref.ref_counts())
+        np.testing.assert_array_equal(fast.free_block_ids(), ref.free_block_ids())
+        check_invariants(fast, live)
+
+
+def test_append_decode_checks_before_changing_anything():
+    alloc = BlockAllocator(3, 4)
+    a, b = alloc.add_sequence(), alloc.add_sequence()
+    alloc.append_tokens([a, b], [4, 3])                 # a's only block is full, b has room
+    before = (alloc.block_tables([a, b]), alloc.seq_lens([a, b]), alloc.free_block_ids())
+    with pytest.raises(ValueError, match=r"width \(1\) must be >= the largest block count in the batch \(2\)"):
+        alloc.append_decode([a, b], width=1)
+    alloc.append_tokens(b, 2)                           # takes the last free block
+    before = (alloc.block_tables([a, b]), alloc.seq_lens([a, b]), alloc.free_block_ids())
+    with pytest.raises(OutOfBlocksError, match=r"need 1 free blocks \(1 new, 0 copy-on-write\) but only 0 of 3"):
+        alloc.append_decode([a, b])
+    for x, y in zip(before, (alloc.block_tables([a, b]), alloc.seq_lens([a, b]), alloc.free_block_ids())):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_validated_handles_are_rechecked_after_changes():
+    alloc = BlockAllocator(16, 4)
+    a, b = alloc.add_sequence(), alloc.add_sequence()
+    handles = np.array([a, b])
+    alloc.append_decode(handles)
+    handles[1] = a                                      # the caller's array changed after it was validated
+    with pytest.raises(ValueError, match=r"handles must be distinct, got \[0, 0\]"):
+        alloc.append_decode(handles)
+    alloc.append_decode([a, b])
+    alloc.free(b)                                       # the same batch again, after one of its sequences ended
+    with pytest.raises(ValueError, match="handle 1 is not a live sequence"):
+        alloc.append_decode([a, b])
+    with pytest.raises(TypeError, match="handles must be an int or a 1-D integer array"):
+        alloc.append_decode([float(a)])
+    assert alloc.seq_lens(a).tolist() == [2]                 # the two accepted steps only
+
+
+def test_block_tables_into_a_buffer():
+    alloc = BlockAllocator(16, 4)
+    a, b = alloc.add_sequence(), alloc.add_sequence()
+    alloc.append_tokens([a, b], [9, 2])
+    buf = np.full((2, 5), -7, dtype=np.int32)
+    assert alloc.block_tables([b, a], width=5, out=buf) is buf
+    assert buf.tolist() == [[3, 0, 0, 0, 0], [0, 1, 2, 0, 0]]
+    with pytest.raises(ValueError, match=r"out must be an int32 NumPy array of shape \[2, 4\]"):
+        alloc.block_tables([a, b], width=4, out=buf)
