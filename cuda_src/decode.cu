@@ -945,7 +945,7 @@ __global__ void __launch_bounds__(bulk::kThreads, HEAD <= 128 ? 2 : 1) paged_dec
 #pragma unroll
     for (int s = 0; s < STAGES; ++s) {
       bulk::mbar_init(full0 + 8 * s, 1);
-      bulk::mbar_init(empty0 + 8 * s, kConsumers);
+      bulk::mbar_init(empty0 + 8 * s, kConsumers * 32);  // every consumer lane releases its own reads
     }
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
@@ -1033,8 +1033,7 @@ __global__ void __launch_bounds__(bulk::kThreads, HEAD <= 128 ? 2 : 1) paged_dec
       tc::attend16<T, HEAD>(buf + k_lane, step, buf + v_lane, step,
                             tc::valid_bits(list_s, first, n_act, warp, lane, log2_bs), qa0, qa2, qk_scale_log2,
                             m_run, l_run, o);
-      __syncwarp();
-      if (lane == 0) bulk::mbar_arrive(empty0 + 8 * slot);
+      bulk::mbar_arrive(empty0 + 8 * slot);
     }
   }
 

@@ -377,8 +377,7 @@ __device__ __forceinline__ void consume(unsigned char* smem, const T* __restrict
       wgmma_commit();
       wgmma_wait_all();
     }
-    __syncwarp();
-    if (lane == 0) mbar_arrive(base + L::BAR_OFF + (STAGES + stage) * 8);  // this warp is done with the stage
+    mbar_arrive(base + L::BAR_OFF + (STAGES + stage) * 8);  // this thread is done with the stage
   }
 
   // Epilogue: normalise and store each row's column pairs (an empty CSR row outputs zeros).
@@ -438,7 +437,7 @@ __global__ void __launch_bounds__(cubsattn::sm90::THREADS, 1) blocksparse_prefil
     const unsigned bars = smem_addr(smem + L::BAR_OFF);
     for (int s = 0; s < STAGES; ++s) {
       mbar_init(bars + s * 8, 128);                        // full: every producer thread
-      mbar_init(bars + (STAGES + s) * 8, CONSUMER_WARPS);  // empty: one arrival per consumer warp
+      mbar_init(bars + (STAGES + s) * 8, 32 * CONSUMER_WARPS);  // empty: every consumer thread
     }
   }
   __syncthreads();
