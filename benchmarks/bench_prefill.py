@@ -7,7 +7,7 @@ Phi-3-small per rank (BENCHMARKS.md): 32 q heads, 8 kv heads, head_size 128, blo
 scale 1/128. Useful TF/s = layout.flops / time (4 * D * allowed pairs); SDPA's TF/s counts its dense causal pairs.
 Times are medians of CUDA-event-timed runs after warm-up. torch is used only here, with zero-copy DLPack hand-over.
 
-    python benchmarks/bench_prefill.py [--dtype bf16|fp16] [--head-size 128] [--configs 4k,16k,64k] [--no-peers]
+    python benchmarks/bench_prefill.py [--dtype bf16|fp16] [--head-size 128] [--configs 4k,16k,64k] [--no-peers | --no-flex]
     python benchmarks/bench_prefill.py --startup      # first-use compile time and cached import + first call
     python benchmarks/bench_prefill.py --chunked      # paged-K/V chunked prefill vs the contiguous kernel
 """
@@ -87,8 +87,9 @@ def run(args):
         flex_note = ""
         if torch is not None:
             sdpa_ms, sdpa_tf = bench_sdpa(torch, q, k, v, batch, seqlen, scale)
-            flex_ms, flex_note = bench_flex(torch, q, k, v, batch, seqlen, scale)
-            flex_tf = useful / flex_ms / 1e9 if flex_ms == flex_ms else float("nan")
+            if not args.no_flex:
+                flex_ms, flex_note = bench_flex(torch, q, k, v, batch, seqlen, scale)
+                flex_tf = useful / flex_ms / 1e9 if flex_ms == flex_ms else float("nan")
         density = layout.density(seqlen)
         print(f"{name:>8} {density:8.3f} {ours_ms:12.3f} {ours_tf:12.1f} {sdpa_ms:9.3f} {sdpa_tf:10.1f} "
               f"{ours_tf / sdpa_tf:6.2f} {sm90_ms:9.3f} {sm90_tf:10.1f} {sm90_tf / sdpa_tf:10.2f} {flex_ms:9.3f} "
@@ -241,6 +242,7 @@ def main():
     p.add_argument("--head-size", type=int, default=128)
     p.add_argument("--configs", default="4k,16k,64k")
     p.add_argument("--no-peers", action="store_true", help="skip torch SDPA / FlexAttention")
+    p.add_argument("--no-flex", action="store_true", help="skip FlexAttention only (its compile takes a while)")
     p.add_argument("--tile", help="BLOCK_M,WARPS,BLOCK_N: a compiled alternative tile (see _prefill_cuda)")
     p.add_argument("--startup", action="store_true", help="measure compile and cached-start times instead")
     p.add_argument("--chunked", action="store_true", help="paged chunked prefill vs the contiguous kernel instead")

@@ -201,27 +201,38 @@ __device__ __forceinline__ void produce(unsigned char* smem, const T* __restrict
                                         const T* __restrict__ v, long long v_tok, int v_head, int k_start,
                                         int k_len, int kv_head, KeyWalk walk) {
   using L = Layout<HEAD_DIM, STAGES>;
-  constexpr int CHUNKS = HEAD_DIM / 8;
+  constexpr int CHUNKS = HEAD_DIM / 8;       // 16-byte chunks per key row
+  constexpr int ROWS_PER_PASS = 128 / CHUNKS;  // key rows the warpgroup copies per pass (8 or 16)
+  constexpr int PASSES = BLOCK_N / ROWS_PER_PASS;
+  static_assert(ROWS_PER_PASS % 8 == 0, "a thread's rows must share one swizzle phase (row & 7)");
   const int ptid = threadIdx.x;  // 0..127
   const unsigned base = smem_addr(smem);
   int2* info = reinterpret_cast<int2*>(smem + L::INFO_OFF);
-  const T* k_base = k + (long long)k_start * k_tok + (long long)kv_head * k_head;
-  const T* v_base = v + (long long)k_start * v_tok + (long long)kv_head * v_head;
+  // A thread always copies chunk c of rows r0, r0 + ROWS_PER_PASS, ...: one swizzled offset and one pointer step
+  // per pass, so the per-copy work is an add and a compare (the copy loop dominated the producer's issue slots).
+  const int r0 = ptid / CHUNKS, c = ptid % CHUNKS;
+  const int off0 = swizzled(r0, c);
+  const T* k_base = k + (long long)(k_start + r0) * k_tok + (long long)kv_head * k_head + c * 8;
+  const T* v_base = v + (long long)(k_start + r0) * v_tok + (long long)kv_head * v_head + c * 8;
+  const long long k_step = ROWS_PER_PASS * k_tok, v_step = ROWS_PER_PASS * v_tok;
 
   int it = 0, n0, mask;
   while (walk.next(n0, mask)) {
     const int stage = it % STAGES;
     mbar_wait(base + L::BAR_OFF + (STAGES + stage) * 8, ((it / STAGES) & 1) ^ 1);  // consumers freed it
     if (ptid == 0) info[stage] = make_int2(n0, mask);
-    const unsigned dk = base + L::K_OFF + stage * L::TILE_BYTES;
-    const unsigned dv = base + L::V_OFF + stage * L::TILE_BYTES;
-#pragma unroll 4
-    for (int i = ptid; i < BLOCK_N * CHUNKS; i += 128) {
-      const int r = i / CHUNKS, c = i % CHUNKS, pos = n0 + r;
-      const bool valid = pos < k_len;  // keys past the sequence: zeros (their scores are masked causally)
-      const int off = swizzled(r, c);
-      cp_async_16(dk + off, valid ? k_base + (long long)pos * k_tok + c * 8 : k, valid);
-      cp_async_16(dv + off, valid ? v_base + (long long)pos * v_tok + c * 8 : v, valid);
+    const unsigned dk = base + L::K_OFF + stage * L::TILE_BYTES + off0;
+    const unsigned dv = base + L::V_OFF + stage * L::TILE_BYTES + off0;
+    const T* kp = k_base + (long long)n0 * k_tok;
+    const T* vp = v_base + (long long)n0 * v_tok;
+    const int rows_left = k_len - n0 - r0;  // this thread's rows at or past the sequence end load zeros
+#pragma unroll
+    for (int p = 0; p < PASSES; ++p) {
+      const bool valid = p * ROWS_PER_PASS < rows_left;  // keys past the sequence: zeros (masked causally)
+      cp_async_16(dk + p * ROWS_PER_PASS * 128, valid ? kp : k, valid);
+      cp_async_16(dv + p * ROWS_PER_PASS * 128, valid ? vp : v, valid);
+      kp += k_step;
+      vp += v_step;
     }
     cp_async_commit();
     if (it > 0) {
