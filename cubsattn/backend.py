@@ -233,7 +233,8 @@ class BlocksparseFlashAttentionImpl:
                     scales = (_kv._scale("k_scale", k_scale), _kv._scale("v_scale", v_scale)) if fp8 else (1.0, 1.0)
                     if len(self._plans) >= _MAX_PLANS:
                         self._plans.clear()
-                    self._plans[plan_key] = (key_cache.shape, value_cache.shape,
+                    half_bytes = kv_cache[0].nbytes
+                    self._plans[plan_key] = (key_cache.shape, value_cache.shape, half_bytes,
                                              key_cache.shape[0] * key_cache.shape[3], fp8, *scales, launch)
         return output
 
@@ -262,7 +263,8 @@ class BlocksparseFlashAttentionImpl:
         if not (type(query) is nd and type(key) is nd and type(value) is nd and type(kv_cache) is nd
                 and type(sm) is nd and type(bt) is nd and type(sl) is nd and (output is None or type(output) is nd)):
             return None
-        if not (isinstance(k_scale, numbers.Real) and isinstance(v_scale, numbers.Real)):
+        if not ((type(k_scale) is float or isinstance(k_scale, numbers.Real))
+                and (type(v_scale) is float or isinstance(v_scale, numbers.Real))):
             return None  # scales in arrays: their values are read on the checked path
         sig = (query.shape, query.strides, query.dtype, key.shape, key.strides, key.dtype, value.shape,
                value.strides, value.dtype, kv_cache.shape, kv_cache.strides, kv_cache.dtype,
@@ -275,14 +277,17 @@ class BlocksparseFlashAttentionImpl:
 
     def _forward_planned(self, plan, query, key, value, kv_cache, m, output):
         """:meth:`forward` of a decode-only step whose key passed every check before: views and two launches."""
-        key_shape, value_shape, num_slots, fp8, k_scale, v_scale, launch = plan
+        key_shape, value_shape, half_bytes, num_slots, fp8, k_scale, v_scale, launch = plan
         if m.max_slot is not None and m.max_slot >= num_slots:
             raise ValueError(f"slot_mapping has slot {m.max_slot} but the cache has {num_slots} slots")
         T = query.shape[0]
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_size
+        cupy = sys.modules["cupy"]
         if output is None:
-            output = sys.modules["cupy"].empty_like(query)
-        key_cache, value_cache = kv_cache[0].reshape(key_shape), kv_cache[1].reshape(value_shape)
+            output = cupy.empty_like(query)
+        # The cache is C-contiguous (part of the key): its two halves as arrays on its memory, without indexing.
+        key_cache = cupy.ndarray(key_shape, kv_cache.dtype, kv_cache.data)
+        value_cache = cupy.ndarray(value_shape, kv_cache.dtype, kv_cache.data + half_bytes)
         _kv.write_validated(key.reshape(T, Hkv, D), value.reshape(T, Hkv, D), key_cache, value_cache, m.slot_mapping,
                             fp8=fp8, k_scale=k_scale, v_scale=v_scale)
         _decode.launch_validated(query.reshape(T, H, D), key_cache, value_cache, m.block_tables, m.seq_lens_tensor,

@@ -80,6 +80,7 @@ class BlockAllocator:
         # Bumped whenever the set of live handles changes: a validated handle batch stays valid until then.
         self._version = 0
         self._validated = None  # (version, rows, slice of rows when consecutive) of the last validated batch
+        self._offsets = None    # (rows, table width, rows * table width) for the last decode batch
         # False only while no block has more than one holder (no fork since the last check): decode steps then need
         # no copy-on-write planning.
         self._maybe_shared = False
@@ -272,16 +273,16 @@ class BlockAllocator:
         span = self._span(rows)
         at = rows if span is None else span
         lens = self._lens[at].copy()
-        nblocks = self._nblocks[at]
-        # With n = ceil(lens / bs) blocks, the new token needs another block exactly when the last one is full.
-        full = lens == nblocks * bs
+        col, off = np.divmod(lens, bs)
+        # A sequence holds ceil(lens / bs) blocks: the new token opens a block exactly when the last one is full.
+        full = off == 0
         need = int(np.count_nonzero(full))
-        width = self._check_width(width, int(nblocks.max(initial=0)) if not need else int((nblocks + full).max()))
+        width = self._check_width(width, int(lens.max(initial=-1)) // bs + 1)
         if need > self._num_free:
             raise OutOfBlocksError(f"need {need} free blocks ({need} new, 0 copy-on-write) but only "
                                    f"{self._num_free} of {self.num_blocks} are free")
         if need:
-            grow_rows, cols = rows[full], nblocks[full]
+            grow_rows, cols = rows[full], col[full]
             if int(cols.max()) >= self._tables.shape[1]:
                 self._grow_columns(int(cols.max()) + 1)
             fresh = self._pop(need)
@@ -289,11 +290,17 @@ class BlockAllocator:
             self._tables[grow_rows, cols] = fresh
             self._nblocks[grow_rows] = cols + 1
         self._lens[at] = lens + 1
-        # Flat indices into the table: one 1-D gather instead of a 2-D fancy index.
-        slots = self._tables.reshape(-1)[rows * self._tables.shape[1] + lens // bs].astype(np.int64)
-        slots *= bs
-        slots += lens % bs
+        # One 1-D gather from the flat table (row offsets cached per validated batch and table width).
+        slots = np.multiply(self._tables.reshape(-1)[self._row_offsets(rows) + col], bs, dtype=np.int64)
+        slots += off
         return lens, slots, _NO_COW, width
+
+    def _row_offsets(self, rows) -> np.ndarray:
+        """``rows * table width``: where each row starts in the flattened table."""
+        cached = self._offsets
+        if cached is None or cached[0] is not rows or cached[1] != self._tables.shape[1]:
+            cached = self._offsets = (rows, self._tables.shape[1], rows * self._tables.shape[1])
+        return cached[2]
 
     @staticmethod
     def _check_width(width, need: int) -> int:

@@ -13,6 +13,7 @@ import sys
 import ml_dtypes
 import numpy as np
 
+from . import _decode_cuda  # the CUDA launchers; importing them needs no GPU
 from ._checks import (ATTENTION_DTYPES, GPU_ATTENTION_DTYPES, array_module, as_array, check_array, check_int,
                       check_int_array, dtype_name)
 from .layout import _rule, stripe_offsets
@@ -355,8 +356,6 @@ def _signature(arrays, out, scalars):
 
 
 def _launch(query, key_cache, value_cache, block_tables, seq_lens, out, launch):
-    from . import _decode_cuda
-
     if out is None:
         out = sys.modules["cupy"].empty(query.shape, dtype=query.dtype)
     _decode_cuda.paged_decode(query, key_cache, value_cache, block_tables, seq_lens, out, **launch)
@@ -366,8 +365,6 @@ def _launch(query, key_cache, value_cache, block_tables, seq_lens, out, launch):
 def _decode_cupy(query, key_cache, value_cache, block_tables, seq_lens, out, signature, *, num_splits, context_len,
                  **kw):
     import cupy
-
-    from . import _decode_cuda
 
     if query.strides[2] != query.dtype.itemsize:
         raise ValueError(f"query's last axis must be contiguous on the GPU, got strides {query.strides}")

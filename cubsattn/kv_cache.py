@@ -38,6 +38,7 @@ import numbers
 import ml_dtypes
 import numpy as np
 
+from . import _cache_cuda  # the CUDA launchers; importing them needs no GPU (CuPy is imported at the first launch)
 from ._checks import (ATTENTION_DTYPES, GPU_ATTENTION_DTYPES, array_module, as_array, check_array, check_int,
                       check_int_array, dtype_name, to_host)
 
@@ -256,8 +257,6 @@ def write_to_paged_cache(key, value, key_cache, value_cache, slot_mapping, kv_ca
     if xp is np:
         _write_numpy(key, value, key_cache, value_cache, slot_mapping, fp8, k_scale, v_scale)
         return
-    from . import _cache_cuda
-
     if head_size > _cache_cuda.MAX_HEAD_SIZE:
         raise NotImplementedError(f"head_size ({head_size}) > {_cache_cuda.MAX_HEAD_SIZE} is not supported by the "
                                   f"CUDA cache write")
@@ -274,8 +273,6 @@ def write_validated(key, value, key_cache, value_cache, slot_mapping, *, fp8: bo
     """The CUDA write of :func:`write_to_paged_cache` without its checks, for a caller that has passed arrays of the
     same shapes, strides, dtypes and cache alignment through :func:`write_to_paged_cache` before (the kernel skips
     slots outside the cache, so slot values need no check). ``k_scale``/``v_scale`` as validated floats."""
-    from . import _cache_cuda
-
     _cache_cuda.reshape_and_cache(key, value, key_cache, value_cache, slot_mapping, fp8=fp8, k_scale=k_scale,
                                   v_scale=v_scale)
 
@@ -354,8 +351,6 @@ def copy_blocks(kv_caches, block_mapping) -> None:
         for kv in kv_caches:
             kv[:, dst] = kv[:, src]
         return
-    from . import _cache_cuda
-
     if ref.shape[2] * ref.itemsize % 16:
         raise ValueError(f"a cache block must be a multiple of 16 bytes for the CUDA copy, got "
                          f"{ref.shape[2] * ref.itemsize}")

@@ -54,6 +54,8 @@ class BlocksparseMetadataBuilder:
         self.allocator = allocator
         self.xp = xp
         self._staging = None if xp is np else _PinnedRing()
+        self._scratch: dict[tuple, _Fields] = {}  # small fields per (tokens, sequences), CuPy metadata only
+        self._host = None  # the page-locked buffer of the step being built
 
     def build(self, prefills, decodes, *, pad_to: int | None = None,
               block_table_width: int | None = None) -> BlocksparseFlashAttentionMetadata:
@@ -88,19 +90,16 @@ class BlocksparseMetadataBuilder:
         # The allocator checks the handles (live, distinct) and reserves the slots in one pass.
         context, slots, cow, tables = self.allocator.append_step(handles, counts, width=block_table_width)
         batch = handles.size
-        host, views = self._layout(slots.size, batch, tables.shape[1])
-        views["slots"][...] = slots
-        seq = views["seq"]
-        np.add(context, counts, out=seq)
-        views["context"][...] = context
-        qsl = views["qsl"]
-        qsl[0] = 0
-        np.cumsum(counts, out=qsl[1:])
-        views["tables"][...] = tables
-        return self._finish(host, views, num_prefills=num_prefills, num_prefill_tokens=int(p_counts.sum()),
+        f, host_tables = self._buffers(slots.size, batch, tables.shape[1])
+        f.slots[...] = slots
+        np.add(context, counts, out=f.seq)
+        f.context[...] = context
+        np.cumsum(counts, out=f.qsl[1:])
+        host_tables[...] = tables
+        return self._finish(f, host_tables, num_prefills=num_prefills, num_prefill_tokens=int(p_counts.sum()),
                             num_decode_tokens=batch - num_prefills, max_query_len=int(counts.max()),
-                            max_prefill_seq_len=int(seq[:num_prefills].max()),
-                            max_decode_seq_len=int(seq[num_prefills:].max(initial=0)), use_cuda_graph=False,
+                            max_prefill_seq_len=int(f.seq[:num_prefills].max()),
+                            max_decode_seq_len=int(f.seq[num_prefills:].max(initial=0)), use_cuda_graph=False,
                             cow=cow, max_slot=int(slots.max()))
 
     def _build_decode(self, decodes, pad_to, width):
@@ -112,52 +111,85 @@ class BlocksparseMetadataBuilder:
         if real == 0:
             raise ValueError("a step needs at least one prefill or decode sequence")
         batch = real if pad_to is None else pad_to
-        host, views = self._layout(batch, batch, tables.shape[1])
-        out = views["slots"]
-        out[:real] = slots
-        out[real:] = PAD_SLOT_ID
-        seq = views["seq"]
-        np.add(context, 1, out=seq[:real])
-        seq[real:] = 1
-        ctx = views["context"]
-        ctx[:real] = context
-        ctx[real:] = 0
-        views["qsl"][...] = _arange(batch + 1)
-        views["tables"][:real] = tables
-        views["tables"][real:] = 0
-        return self._finish(host, views, num_prefills=0, num_prefill_tokens=0, num_decode_tokens=batch,
-                            max_query_len=1, max_prefill_seq_len=0, max_decode_seq_len=int(seq.max()),
-                            use_cuda_graph=pad_to is not None, cow=cow, max_slot=int(out.max()))
+        f, host_tables = self._buffers(batch, batch, tables.shape[1])
+        f.slots[:real] = slots
+        np.add(context, 1, out=f.seq[:real])
+        f.context[:real] = context
+        host_tables[:real] = tables
+        if batch > real:  # CUDA-graph padding rows
+            f.slots[real:] = PAD_SLOT_ID
+            f.seq[real:] = 1
+            f.context[real:] = 0
+            host_tables[real:] = 0
+        return self._finish(f, host_tables, num_prefills=0, num_prefill_tokens=0, num_decode_tokens=batch,
+                            max_query_len=1, max_prefill_seq_len=0, max_decode_seq_len=int(f.seq.max()),
+                            use_cuda_graph=pad_to is not None, cow=cow, max_slot=int(f.slots.max()))
 
-    def _layout(self, num_tokens: int, batch: int, width: int):
-        """A host int32 buffer for one step and its named views (see the module docstring)."""
-        size = 2 * num_tokens + 4 * batch + 2 + batch * width
-        host = np.empty(size, dtype=np.int32) if self._staging is None else self._staging.take(size)
-        o = 2 * num_tokens
-        views = dict(slots=host[:o].view(np.int64), seq=host[o:o + batch], context=host[o + batch:o + 2 * batch],
-                     qsl=host[o + 2 * batch:o + 3 * batch + 1], ssl=host[o + 3 * batch + 1:o + 4 * batch + 2],
-                     tables=host[o + 4 * batch + 2:size].reshape(batch, width))
-        return host, views
+    def _buffers(self, num_tokens: int, batch: int, width: int):
+        """(the step's small fields, its ``[batch, width]`` block-table buffer), laid out as the module docstring says.
 
-    def _finish(self, host, views, *, cow, **fields) -> BlocksparseFlashAttentionMetadata:
+        NumPy metadata owns one new buffer holding both. With a staging ring the tables go straight into the step's
+        page-locked buffer, while the small fields are computed in ordinary memory (page-locked memory is for the copy
+        engine, not for the CPU's reads) in a scratch buffer kept per shape, and copied in front of the tables just
+        before the transfer.
+        """
+        num_small = 2 * num_tokens + 4 * batch + 2
+        size = num_small + batch * width
+        if self._staging is None:
+            host = np.empty(size, dtype=np.int32)
+            return _Fields(host[:num_small], num_tokens, batch), host[num_small:].reshape(batch, width)
+        fields = self._scratch.get((num_tokens, batch))
+        if fields is None:
+            if len(self._scratch) >= 16:
+                self._scratch.clear()
+            fields = self._scratch[num_tokens, batch] = _Fields(np.empty(num_small, np.int32), num_tokens, batch)
+        self._host = self._staging.take(size)
+        return fields, self._host[num_small:].reshape(batch, width)
+
+    def _finish(self, f, host_tables, *, cow, **fields) -> BlocksparseFlashAttentionMetadata:
         """Cumulative lengths, the one transfer, and the metadata whose arrays are views of the transferred buffer."""
-        seq, ssl = views["seq"], views["ssl"]
-        ssl[0] = 0
-        np.cumsum(seq, out=ssl[1:])
-        seq_lens = seq.tolist()
-        if self._staging is not None:
-            dev = self._staging.upload(host)
-            num_tokens, batch = views["slots"].size, seq.size
-            o = 2 * num_tokens
-            slots = dev[:o].view(np.int64)
-            seq_t, ctx_t = dev[o:o + batch], dev[o + batch:o + 2 * batch]
-            qsl, ssl = dev[o + 2 * batch:o + 3 * batch + 1], dev[o + 3 * batch + 1:o + 4 * batch + 2]
-            tables = dev[o + 4 * batch + 2:].reshape(views["tables"].shape)
+        np.cumsum(f.seq, out=f.ssl[1:])
+        if self._staging is None:
+            arrays = dict(slot_mapping=f.slots, seq_lens_tensor=f.seq, context_lens_tensor=f.context,
+                          query_start_loc=f.qsl, seq_start_loc=f.ssl, block_tables=host_tables)
         else:
-            slots, seq_t, ctx_t, qsl, tables = (views[k] for k in ("slots", "seq", "context", "qsl", "tables"))
-        return BlocksparseFlashAttentionMetadata(
-            slot_mapping=slots, seq_lens=seq_lens, seq_lens_tensor=seq_t, query_start_loc=qsl, seq_start_loc=ssl,
-            context_lens_tensor=ctx_t, block_tables=tables, blocks_to_copy=cow, **fields)
+            arrays = self._upload(f, host_tables.shape)
+        return BlocksparseFlashAttentionMetadata(seq_lens=f.seq.tolist(), blocks_to_copy=cow, **arrays, **fields)
+
+    def _upload(self, f, tables_shape) -> dict:
+        """The metadata arrays as CuPy arrays on one device buffer, filled by one asynchronous copy."""
+        import cupy
+
+        host = self._host
+        host[:f.buf.size] = f.buf
+        base = self._staging.upload(host)
+        i32, (o_seq, o_ctx, o_qsl, o_ssl, o_tab) = np.int32, f.offsets
+        n = f.seq.size
+        return dict(slot_mapping=cupy.ndarray(f.slots.shape, np.int64, base),
+                    seq_lens_tensor=cupy.ndarray((n,), i32, base + 4 * o_seq),
+                    context_lens_tensor=cupy.ndarray((n,), i32, base + 4 * o_ctx),
+                    query_start_loc=cupy.ndarray((n + 1,), i32, base + 4 * o_qsl),
+                    seq_start_loc=cupy.ndarray((n + 1,), i32, base + 4 * o_ssl),
+                    block_tables=cupy.ndarray(tables_shape, i32, base + 4 * o_tab))
+
+
+class _Fields:
+    """Views of the small int32 fields of a step (``T`` tokens, ``N`` sequences) in one buffer ``[2T + 4N + 2]``.
+
+    The entries every step of this shape shares are written once: ``query_start_loc[0]``, ``seq_start_loc[0]`` and,
+    when ``T == N`` (one token per sequence), the whole ``query_start_loc``.
+    """
+
+    def __init__(self, buf: np.ndarray, num_tokens: int, batch: int):
+        o = 2 * num_tokens
+        self.buf = buf
+        self.offsets = (o, o + batch, o + 2 * batch, o + 3 * batch + 1, buf.size)
+        self.slots = buf[:o].view(np.int64)
+        self.seq, self.context = buf[o:o + batch], buf[o + batch:o + 2 * batch]
+        self.qsl, self.ssl = buf[o + 2 * batch:o + 3 * batch + 1], buf[o + 3 * batch + 1:]
+        self.qsl[0] = self.ssl[0] = 0
+        if num_tokens == batch:
+            self.qsl[...] = _arange(batch + 1)
 
 
 _ARANGE = np.arange(1, dtype=np.int32)
@@ -201,20 +233,24 @@ class _PinnedRing:
     def _new(size: int) -> list:
         import cupyx
 
-        host = cupyx.empty_pinned(max(size, 1 << 14), dtype=np.int32)
+        # A power of two: the tables widen by one column every block_size steps, and a buffer that fitted only the
+        # step it was made for would be replaced (a page-locked allocation, tens of microseconds) at nearly every step.
+        host = cupyx.empty_pinned(1 << max(size - 1, 1 << 14).bit_length(), dtype=np.int32)
         return [host, host.ctypes.data, None, None]
 
     def upload(self, host: np.ndarray):
-        """Device copy of ``host`` (the buffer :meth:`take` returned last), queued on the current stream."""
+        """``MemoryPointer`` to a new device copy of ``host`` (the buffer :meth:`take` returned last), queued on the
+        current stream."""
         import cupy
 
         entry = self._current
-        dev = cupy.empty(host.size, dtype=np.int32)
+        # Rounded up to a power of two like the staging buffers, so that the memory pool hands back the same few
+        # blocks step after step instead of allocating a new one whenever the tables widen.
+        dev = cupy.cuda.alloc(1 << (host.nbytes - 1).bit_length())
         stream = cupy.cuda.get_current_stream()
-        cupy.cuda.runtime.memcpyAsync(dev.data.ptr, entry[1], host.nbytes, cupy.cuda.runtime.memcpyHostToDevice,
+        cupy.cuda.runtime.memcpyAsync(dev.ptr, entry[1], host.nbytes, cupy.cuda.runtime.memcpyHostToDevice,
                                       stream.ptr)
-        device = dev.data.device_id
-        if entry[2] is None or entry[3] != device:  # an event records only on streams of its own device
-            entry[2], entry[3] = cupy.cuda.Event(block=False, disable_timing=True), device
+        if entry[2] is None or entry[3] != dev.device_id:  # an event records only on streams of its own device
+            entry[2], entry[3] = cupy.cuda.Event(block=False, disable_timing=True), dev.device_id
         entry[2].record(stream)
         return dev
