@@ -17,8 +17,9 @@ from .layout import BlockSparseLayout
 HEAD_SIZES = (64, 128)
 #: Sparse block sizes (a 128-row query tile spans 2 or 1 CSR rows; 64-key tiles cover a block in 1 or 2 steps).
 BLOCK_SIZES = (64, 128)
-#: K/V ring depth per head size: 4 stages of 64-key K and V tiles = 64 KB (D 64) / 128 KB (D 128) of shared memory.
-STAGES = {64: 4, 128: 4}
+#: K/V ring depth per head size: stages of 64-key K and V tiles, 16 KB (D 64) / 32 KB (D 128) each; a consumer
+#: warpgroup holds up to two (the pending P V and the current tile), the rest is the producer's prefetch.
+STAGES = {64: 8, 128: 6}
 #: Query rows per CTA (two consumer warpgroups of 64) and threads per CTA (plus one producer warpgroup).
 BLOCK_M = 128
 THREADS = 384

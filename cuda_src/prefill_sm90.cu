@@ -57,7 +57,9 @@ __device__ __forceinline__ void mbar_wait(unsigned bar, unsigned parity) {
 
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wgmma_wait_all() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
+template <int N> __device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
 
 // Shared-memory matrix descriptor, 128-byte swizzle (PTX ISA "Matrix Descriptor Format"): start address, leading
 // and stride byte offsets, each >> 4, in bits 0-13, 16-29, 32-45; swizzle mode 1 in bits 62-63. Every operand
@@ -255,6 +257,122 @@ __device__ __forceinline__ void produce(unsigned char* smem, const T* __restrict
 
 // ---------------------------------------------------------------------------------------------------------------
 // Consumer warpgroup: 64 query rows at absolute positions row0 .. row0 + 63.
+//
+// Pipelined across key tiles: the Q K^T of tile t is issued together with the P V of the previous tile t', so the
+// softmax of t (CUDA cores, SFU) overlaps the P V of t' (tensor cores). O is rebased to t's row maxima only after
+// that P V has landed, and the stage of t' (its V) is released then; a warpgroup thus holds up to two ring stages.
+
+template <typename T, int HEAD_DIM>
+__device__ __forceinline__ void issue_qk(float (&s)[32], const unsigned (&qf)[HEAD_DIM / 16][4], unsigned k_tile) {
+  constexpr int SLAB_BYTES = BLOCK_N * 128;
+#pragma unroll
+  for (int kk = 0; kk < HEAD_DIM / 16; ++kk)  // K-major B operand: k-step kk reads 32 bytes further into slab kk / 4
+    Wgmma<T, 0>::run(s, qf[kk], smem_desc(k_tile + (kk >> 2) * SLAB_BYTES + (kk & 3) * 32, 16, 1024), kk > 0);
+}
+
+template <typename T, int HEAD_DIM>
+__device__ __forceinline__ void issue_pv(float (&acc)[HEAD_DIM / 64][32], const unsigned (&pf)[4][4],
+                                         unsigned v_tile) {
+  constexpr int SLAB_BYTES = BLOCK_N * 128;
+  // N-major V: one 64-column slab per wgmma (leading byte offset = slab stride, stride byte offset = 8 keys).
+#pragma unroll
+  for (int b = 0; b < HEAD_DIM / 64; ++b)
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk)
+      Wgmma<T, 1>::run(acc[b], pf[kk], smem_desc(v_tile + b * SLAB_BYTES + kk * 16 * 128, SLAB_BYTES, 1024), 1);
+}
+
+// One key tile of a consumer warpgroup: S = Q K^T (issued with the pending tile's P V when PIPELINED), causal mask,
+// online softmax, O rebased to the new row maxima, and P of this tile in pf. first_row: the warp's first query row.
+template <typename T, int HEAD_DIM, int STAGES, bool PIPELINED>
+__device__ __forceinline__ void attend(float (&acc)[HEAD_DIM / 64][32], unsigned (&pf)[4][4],
+                                       const unsigned (&qf)[HEAD_DIM / 16][4], float (&row_max)[2],
+                                       float (&row_sum)[2], const int (&pos)[2], unsigned base, int stage, int n0,
+                                       int pending, int first_row, int tq, float scale_log2) {
+  using L = Layout<HEAD_DIM, STAGES>;
+  constexpr int DB = HEAD_DIM / 64;
+  const unsigned empty_bar = base + L::BAR_OFF + STAGES * 8;
+  float s[32];
+  wgmma_fence();
+  issue_qk<T, HEAD_DIM>(s, qf, base + L::K_OFF + stage * L::TILE_BYTES);
+  wgmma_commit();
+  if constexpr (PIPELINED) {
+    issue_pv<T, HEAD_DIM>(acc, pf, base + L::V_OFF + pending * L::TILE_BYTES);
+    wgmma_commit();
+    wgmma_wait<1>();  // Q K^T done; the P V may still run
+  } else {
+    wgmma_wait<0>();
+  }
+
+  // Causal mask where a key can follow a row (the diagonal block and keys past the sequence, which are > every
+  // query position). Scores stay unscaled: scale_log2 > 0 keeps -inf and the row maximum.
+  if (n0 + BLOCK_N - 1 > first_row) {
+#pragma unroll
+    for (int j = 0; j < 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e)
+        if (n0 + j * 8 + 2 * tq + (e & 1) > pos[e >> 1]) s[j * 4 + e] = NEG_INF;
+  }
+
+  // Online softmax in base 2: p = 2^(s * scale_log2 - max * scale_log2), one FFMA and one EX2 per score; the
+  // 4 lanes of a quad share a row.
+  float scale_old[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float mx = row_max[r];
+#pragma unroll
+    for (int j = 0; j < 8; ++j) mx = fmaxf(mx, fmaxf(s[j * 4 + 2 * r], s[j * 4 + 2 * r + 1]));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+    const float base_r = mx == NEG_INF ? 0.f : mx * scale_log2;  // no key yet: keep everything finite
+    scale_old[r] = exp2_approx(row_max[r] * scale_log2 - base_r);
+    row_max[r] = mx;
+    float sum = 0.f;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      s[j * 4 + 2 * r] = exp2_approx(fmaf(s[j * 4 + 2 * r], scale_log2, -base_r));
+      s[j * 4 + 2 * r + 1] = exp2_approx(fmaf(s[j * 4 + 2 * r + 1], scale_log2, -base_r));
+      sum += s[j * 4 + 2 * r] + s[j * 4 + 2 * r + 1];
+    }
+    row_sum[r] = row_sum[r] * scale_old[r] + sum;  // per-lane partial; quad-reduced at the end
+  }
+
+  // The previous tile's P V has to land before O is rebased to the new maxima; then its stage is free.
+  if constexpr (PIPELINED) {
+    wgmma_wait<0>();
+    mbar_arrive(empty_bar + pending * 8);
+  }
+#pragma unroll
+  for (int b = 0; b < DB; ++b)
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      acc[b][j * 4 + 0] *= scale_old[0];
+      acc[b][j * 4 + 1] *= scale_old[0];
+      acc[b][j * 4 + 2] *= scale_old[1];
+      acc[b][j * 4 + 3] *= scale_old[1];
+    }
+  // The probabilities, rounded to T, become the register A operand of this tile's P V (the accumulator layout of
+  // two adjacent 8-key column groups is the A layout of one 16-key step).
+#pragma unroll
+  for (int kk = 0; kk < 4; ++kk) {
+    pf[kk][0] = pack2<T>(s[8 * kk + 0], s[8 * kk + 1]);
+    pf[kk][1] = pack2<T>(s[8 * kk + 2], s[8 * kk + 3]);
+    pf[kk][2] = pack2<T>(s[8 * kk + 4], s[8 * kk + 5]);
+    pf[kk][3] = pack2<T>(s[8 * kk + 6], s[8 * kk + 7]);
+  }
+}
+
+// The pending tile's P V on its own (nothing left to overlap it with), then its stage is released.
+template <typename T, int HEAD_DIM, int STAGES>
+__device__ __forceinline__ void finish_pv(float (&acc)[HEAD_DIM / 64][32], const unsigned (&pf)[4][4], unsigned base,
+                                          int pending) {
+  using L = Layout<HEAD_DIM, STAGES>;
+  wgmma_fence();
+  issue_pv<T, HEAD_DIM>(acc, pf, base + L::V_OFF + pending * L::TILE_BYTES);
+  wgmma_commit();
+  wgmma_wait<0>();
+  mbar_arrive(base + L::BAR_OFF + (STAGES + pending) * 8);
+}
 
 template <typename T, int HEAD_DIM, int STAGES>
 __device__ __forceinline__ void consume(unsigned char* smem, const T* __restrict__ q, long long q_tok,
@@ -267,6 +385,7 @@ __device__ __forceinline__ void consume(unsigned char* smem, const T* __restrict
   const int tid = threadIdx.x & 127, warp = tid >> 5, lane = tid & 31;
   const int g = lane >> 2, tq = lane & 3;
   const unsigned base = smem_addr(smem);
+  const unsigned full_bar = base + L::BAR_OFF, empty_bar = base + L::BAR_OFF + STAGES * 8;
   const int2* info = reinterpret_cast<const int2*>(smem + L::INFO_OFF);
 
   // This thread's two rows (g and g + 8 of its warp's 16) and whether they are queries of this tile.
@@ -303,93 +422,35 @@ __device__ __forceinline__ void consume(unsigned char* smem, const T* __restrict
 #pragma unroll
     for (int i = 0; i < 32; ++i) acc[b][i] = 0.f;
   float row_max[2] = {NEG_INF, NEG_INF}, row_sum[2] = {0.f, 0.f};
+  unsigned pf[4][4];  // P of the pending tile (rounded to T), the A operand of its P V
 
+  // Walk the ring. A tile outside this warpgroup's CSR row, entirely after its last query, or any tile when the
+  // warpgroup has no queries, is released untouched. A pending P V is finished before such a skip: a warpgroup
+  // never holds a stage while passing over others, or the producer could wait for that stage while the warpgroup
+  // waits for a tile behind it (a long run of tiles only the other warpgroup attends to).
+  int pending = -1;  // ring stage of the tile whose P V is still to do
   for (int it = 0;; ++it) {
     const int stage = it % STAGES;
-    mbar_wait(base + L::BAR_OFF + stage * 8, (it / STAGES) & 1);
+    mbar_wait(full_bar + stage * 8, (it / STAGES) & 1);
     const int2 tile = info[stage];
     if (tile.x < 0) break;
-    const int n0 = tile.x;
-    // Skip tiles outside this warpgroup's CSR row, entirely after its last query, or when it has no queries.
-    if (((tile.y >> row_bit) & 1) && wg_lo < wg_hi && n0 < wg_hi) {
-      const unsigned k_tile = base + L::K_OFF + stage * L::TILE_BYTES;
-      const unsigned v_tile = base + L::V_OFF + stage * L::TILE_BYTES;
-
-      // S = Q K^T: K-major B operand; k-step kk reads 32 bytes further into slab kk / 4.
-      float s[32];
-      wgmma_fence();
-#pragma unroll
-      for (int kk = 0; kk < KT; ++kk)
-        Wgmma<T, 0>::run(s, qf[kk], smem_desc(k_tile + (kk >> 2) * L::SLAB_BYTES + (kk & 3) * 32, 16, 1024),
-                         kk > 0);
-      wgmma_commit();
-      wgmma_wait_all();
-
-      // Causal mask where a key can follow a row (the diagonal block and keys past the sequence, which are > every
-      // query position). Scores stay unscaled: scale_log2 > 0 keeps -inf and the row maximum.
-      if (n0 + BLOCK_N - 1 > row0 + warp * 16) {
-#pragma unroll
-        for (int j = 0; j < 8; ++j)
-#pragma unroll
-          for (int e = 0; e < 4; ++e)
-            if (n0 + j * 8 + 2 * tq + (e & 1) > pos[e >> 1]) s[j * 4 + e] = NEG_INF;
+    if (!(((tile.y >> row_bit) & 1) && wg_lo < wg_hi && tile.x < wg_hi)) {
+      if (pending >= 0) {
+        finish_pv<T, HEAD_DIM, STAGES>(acc, pf, base, pending);
+        pending = -1;
       }
-
-      // Online softmax in base 2: p = 2^(s * scale_log2 - max * scale_log2), one FFMA and one EX2 per score; the
-      // 4 lanes of a quad share a row.
-      float scale_old[2];
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        float mx = row_max[r];
-#pragma unroll
-        for (int j = 0; j < 8; ++j) mx = fmaxf(mx, fmaxf(s[j * 4 + 2 * r], s[j * 4 + 2 * r + 1]));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-        const float base_r = mx == NEG_INF ? 0.f : mx * scale_log2;  // no key yet: keep everything finite
-        scale_old[r] = exp2_approx(row_max[r] * scale_log2 - base_r);
-        row_max[r] = mx;
-        float sum = 0.f;
-#pragma unroll
-        for (int j = 0; j < 8; ++j) {
-          s[j * 4 + 2 * r] = exp2_approx(fmaf(s[j * 4 + 2 * r], scale_log2, -base_r));
-          s[j * 4 + 2 * r + 1] = exp2_approx(fmaf(s[j * 4 + 2 * r + 1], scale_log2, -base_r));
-          sum += s[j * 4 + 2 * r] + s[j * 4 + 2 * r + 1];
-        }
-        row_sum[r] = row_sum[r] * scale_old[r] + sum;  // per-lane partial; quad-reduced at the end
-      }
-#pragma unroll
-      for (int b = 0; b < DB; ++b)
-#pragma unroll
-        for (int j = 0; j < 8; ++j) {
-          acc[b][j * 4 + 0] *= scale_old[0];
-          acc[b][j * 4 + 1] *= scale_old[0];
-          acc[b][j * 4 + 2] *= scale_old[1];
-          acc[b][j * 4 + 3] *= scale_old[1];
-        }
-
-      // O += P V: the probabilities, rounded to T, are the register A operand (the accumulator layout of two
-      // adjacent 8-key column groups is the A layout of one 16-key step); V is read N-major, one 64-column slab
-      // per wgmma (leading byte offset = slab stride, stride byte offset = 8 keys).
-      unsigned pf[4][4];
-#pragma unroll
-      for (int kk = 0; kk < 4; ++kk) {
-        pf[kk][0] = pack2<T>(s[8 * kk + 0], s[8 * kk + 1]);
-        pf[kk][1] = pack2<T>(s[8 * kk + 2], s[8 * kk + 3]);
-        pf[kk][2] = pack2<T>(s[8 * kk + 4], s[8 * kk + 5]);
-        pf[kk][3] = pack2<T>(s[8 * kk + 6], s[8 * kk + 7]);
-      }
-      wgmma_fence();
-#pragma unroll
-      for (int b = 0; b < DB; ++b)
-#pragma unroll
-        for (int kk = 0; kk < 4; ++kk)
-          Wgmma<T, 1>::run(acc[b], pf[kk], smem_desc(v_tile + b * L::SLAB_BYTES + kk * 16 * 128, L::SLAB_BYTES, 1024),
-                           1);
-      wgmma_commit();
-      wgmma_wait_all();
+      mbar_arrive(empty_bar + stage * 8);
+      continue;
     }
-    mbar_arrive(base + L::BAR_OFF + (STAGES + stage) * 8);  // this thread is done with the stage
+    if (pending >= 0)
+      attend<T, HEAD_DIM, STAGES, true>(acc, pf, qf, row_max, row_sum, pos, base, stage, tile.x, pending,
+                                        row0 + warp * 16, tq, scale_log2);
+    else
+      attend<T, HEAD_DIM, STAGES, false>(acc, pf, qf, row_max, row_sum, pos, base, stage, tile.x, -1,
+                                         row0 + warp * 16, tq, scale_log2);
+    pending = stage;
   }
+  if (pending >= 0) finish_pv<T, HEAD_DIM, STAGES>(acc, pf, base, pending);
 
   // Epilogue: normalise and store each row's column pairs (an empty CSR row outputs zeros).
   float inv[2];
@@ -453,10 +514,11 @@ __global__ void __launch_bounds__(cubsattn::sm90::THREADS, 1) blocksparse_prefil
   }
   __syncthreads();
 
-  // No setmaxnreg: the consumers fit in the 168 registers per thread that 384 threads leave (ptxas: 165 for
-  // D = 128, no spills), so moving registers away from the producer would buy nothing.
+  // Registers: 384 threads start with 168 each; the producer needs few, the pipelined consumers (O, two score
+  // tiles' worth of S and P, Q fragments) more: 128 x 56 + 256 x 224 = 384 x 168.
   const int wg = threadIdx.x / 128;
   if (wg == 0) {
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 56;\n" ::: "memory");
     KeyWalk walk;
     walk.cols = indices + (long long)head * nnz_stride;
     walk.subs = block_size > BLOCK_N ? block_size / BLOCK_N : 1;
@@ -483,6 +545,7 @@ __global__ void __launch_bounds__(cubsattn::sm90::THREADS, 1) blocksparse_prefil
     }
     produce<T, HEAD_DIM, STAGES>(smem, k, k_tok, k_head, v, v_tok, v_head, k_start, k_len, head / group, walk);
   } else {
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 224;\n" ::: "memory");
     const int c = wg - 1;
     const int row_bit = block_size == 64 ? c : 0;  // the CSR row of this warpgroup's 64 rows
     consume<T, HEAD_DIM, STAGES>(smem, q, q_tok, q_head, out, o_tok, o_head, head, q_start, past,
