@@ -113,6 +113,31 @@ template <> struct Wgmma<__half, 1> {
 #undef CUBSATTN_WGMMA_M64N64K16
 #undef CUBSATTN_WGMMA_ACC32
 
+// d (64x128 fp32) += a (64x16, registers) * b (16x128, N-major shared memory descriptor): P V for D = 128 in one
+// instruction per 16 keys (both 64-column slabs of V, the leading byte offset stepping from one to the other).
+#define CUBSATTN_WGMMA_M64N128K16_NMAJOR(TYPE)                                                                  \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"                                                  \
+               "wgmma.mma_async.sync.aligned.m64n128k16.f32." TYPE "." TYPE " "                              \
+               "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "                                                                  \
+               "{%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"                                                 \
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])                                                                           \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(accumulate))
+
+template <typename T> struct WgmmaN128;
+template <> struct WgmmaN128<__nv_bfloat16> {
+  static __device__ __forceinline__ void run(float (&d)[64], const unsigned (&a)[4], unsigned long long desc,
+                                             int accumulate) {
+    CUBSATTN_WGMMA_M64N128K16_NMAJOR("bf16");
+  }
+};
+template <> struct WgmmaN128<__half> {
+  static __device__ __forceinline__ void run(float (&d)[64], const unsigned (&a)[4], unsigned long long desc,
+                                             int accumulate) {
+    CUBSATTN_WGMMA_M64N128K16_NMAJOR("f16");
+  }
+};
+#undef CUBSATTN_WGMMA_M64N128K16_NMAJOR
+
 // Two fp32 values rounded to one packed fp16x2 / bf16x2 register (lo in the low half).
 template <typename T> __device__ __forceinline__ unsigned pack2(float lo, float hi);
 template <> __device__ __forceinline__ unsigned pack2<__half>(float lo, float hi) {
@@ -265,21 +290,32 @@ __device__ __forceinline__ void produce(unsigned char* smem, const T* __restrict
 template <typename T, int HEAD_DIM>
 __device__ __forceinline__ void issue_qk(float (&s)[32], const unsigned (&qf)[HEAD_DIM / 16][4], unsigned k_tile) {
   constexpr int SLAB_BYTES = BLOCK_N * 128;
+  // The address field is the low 14 bits of the descriptor (bytes >> 4) and never carries (shared memory < 256 KB),
+  // so each operand's descriptor is the tile's plus a constant.
+  const unsigned long long desc = smem_desc(k_tile, 16, 1024);
 #pragma unroll
   for (int kk = 0; kk < HEAD_DIM / 16; ++kk)  // K-major B operand: k-step kk reads 32 bytes further into slab kk / 4
-    Wgmma<T, 0>::run(s, qf[kk], smem_desc(k_tile + (kk >> 2) * SLAB_BYTES + (kk & 3) * 32, 16, 1024), kk > 0);
+    Wgmma<T, 0>::run(s, qf[kk], desc + (((kk >> 2) * SLAB_BYTES + (kk & 3) * 32) >> 4), kk > 0);
 }
 
 template <typename T, int HEAD_DIM>
 __device__ __forceinline__ void issue_pv(float (&acc)[HEAD_DIM / 64][32], const unsigned (&pf)[4][4],
                                          unsigned v_tile) {
   constexpr int SLAB_BYTES = BLOCK_N * 128;
-  // N-major V: one 64-column slab per wgmma (leading byte offset = slab stride, stride byte offset = 8 keys).
-#pragma unroll
-  for (int b = 0; b < HEAD_DIM / 64; ++b)
+  // N-major V (leading byte offset = slab stride, stride byte offset = 8 keys): D = 128 in one n128 wgmma per 16
+  // keys (acc[0..1] are consecutive registers, the n128 accumulator layout); other D one n64 wgmma per slab.
+  const unsigned long long desc = smem_desc(v_tile, SLAB_BYTES, 1024);
+  if constexpr (HEAD_DIM == 128) {
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk)
-      Wgmma<T, 1>::run(acc[b], pf[kk], smem_desc(v_tile + b * SLAB_BYTES + kk * 16 * 128, SLAB_BYTES, 1024), 1);
+      WgmmaN128<T>::run(reinterpret_cast<float(&)[64]>(acc), pf[kk], desc + ((kk * 16 * 128) >> 4), 1);
+  } else {
+#pragma unroll
+    for (int b = 0; b < HEAD_DIM / 64; ++b)
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk)
+        Wgmma<T, 1>::run(acc[b], pf[kk], desc + ((b * SLAB_BYTES + kk * 16 * 128) >> 4), 1);
+  }
 }
 
 // One key tile of a consumer warpgroup: S = Q K^T (issued with the pending tile's P V when PIPELINED), causal mask,
