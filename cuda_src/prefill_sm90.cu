@@ -55,6 +55,14 @@ __device__ __forceinline__ void mbar_wait(unsigned bar, unsigned parity) {
   } while (!done);
 }
 
+// Named barriers over the two consumer warpgroups (256 threads; id 0 is __syncthreads).
+__device__ __forceinline__ void named_bar_sync(int id) {
+  asm volatile("bar.sync %0, 256;\n" ::"r"(id) : "memory");
+}
+__device__ __forceinline__ void named_bar_arrive(int id) {
+  asm volatile("bar.arrive %0, 256;\n" ::"r"(id) : "memory");
+}
+
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
 template <int N> __device__ __forceinline__ void wgmma_wait() {
@@ -324,7 +332,7 @@ template <typename T, int HEAD_DIM, int STAGES, bool PIPELINED>
 __device__ __forceinline__ void attend(float (&acc)[HEAD_DIM / 64][32], unsigned (&pf)[4][4],
                                        const unsigned (&qf)[HEAD_DIM / 16][4], float (&row_max)[2],
                                        float (&row_sum)[2], const int (&pos)[2], unsigned base, int stage, int n0,
-                                       int pending, int first_row, int tq, float scale_log2) {
+                                       int pending, int first_row, int tq, float scale_log2, int other_bar) {
   using L = Layout<HEAD_DIM, STAGES>;
   constexpr int DB = HEAD_DIM / 64;
   const unsigned empty_bar = base + L::BAR_OFF + STAGES * 8;
@@ -335,6 +343,9 @@ __device__ __forceinline__ void attend(float (&acc)[HEAD_DIM / 64][32], unsigned
   if constexpr (PIPELINED) {
     issue_pv<T, HEAD_DIM>(acc, pf, base + L::V_OFF + pending * L::TILE_BYTES);
     wgmma_commit();
+  }
+  named_bar_arrive(other_bar);  // the other warpgroup's turn to issue (its softmax ran meanwhile)
+  if constexpr (PIPELINED) {
     wgmma_wait<1>();  // Q K^T done; the P V may still run
   } else {
     wgmma_wait<0>();
@@ -414,7 +425,7 @@ template <typename T, int HEAD_DIM, int STAGES>
 __device__ __forceinline__ void consume(unsigned char* smem, const T* __restrict__ q, long long q_tok,
                                         int q_head, T* __restrict__ out, long long o_tok, int o_head, int head,
                                         int q_start, int past, int row0, int pos_lo, int pos_hi, int row_bit,
-                                        float scale_log2) {
+                                        float scale_log2, int consumer) {
   using L = Layout<HEAD_DIM, STAGES>;
   constexpr int KT = HEAD_DIM / 16;  // k-steps of Q K^T
   constexpr int DB = HEAD_DIM / 64;  // 64-column output slabs
@@ -464,28 +475,37 @@ __device__ __forceinline__ void consume(unsigned char* smem, const T* __restrict
   // warpgroup has no queries, is released untouched. A pending P V is finished before such a skip: a warpgroup
   // never holds a stage while passing over others, or the producer could wait for that stage while the warpgroup
   // waits for a tile behind it (a long run of tiles only the other warpgroup attends to).
+  //
+  // Ping-pong: the two warpgroups take turns issuing their tile's wgmmas (named barriers 1 and 2), so one's softmax
+  // runs while the other's matrix products occupy the tensor cores. Both see every ring tile, skipped or not, so
+  // their turns pair up; warpgroup 0 goes first and takes warpgroup 1's last hand-over after the loop.
+  const int my_bar = 1 + consumer, other_bar = 2 - consumer;
+  if (consumer == 1) named_bar_arrive(other_bar);
   int pending = -1;  // ring stage of the tile whose P V is still to do
   for (int it = 0;; ++it) {
     const int stage = it % STAGES;
     mbar_wait(full_bar + stage * 8, (it / STAGES) & 1);
     const int2 tile = info[stage];
     if (tile.x < 0) break;
+    named_bar_sync(my_bar);
     if (!(((tile.y >> row_bit) & 1) && wg_lo < wg_hi && tile.x < wg_hi)) {
       if (pending >= 0) {
         finish_pv<T, HEAD_DIM, STAGES>(acc, pf, base, pending);
         pending = -1;
       }
+      named_bar_arrive(other_bar);
       mbar_arrive(empty_bar + stage * 8);
       continue;
     }
     if (pending >= 0)
       attend<T, HEAD_DIM, STAGES, true>(acc, pf, qf, row_max, row_sum, pos, base, stage, tile.x, pending,
-                                        row0 + warp * 16, tq, scale_log2);
+                                        row0 + warp * 16, tq, scale_log2, other_bar);
     else
       attend<T, HEAD_DIM, STAGES, false>(acc, pf, qf, row_max, row_sum, pos, base, stage, tile.x, -1,
-                                         row0 + warp * 16, tq, scale_log2);
+                                         row0 + warp * 16, tq, scale_log2, other_bar);
     pending = stage;
   }
+  if (consumer == 0) named_bar_sync(my_bar);
   if (pending >= 0) finish_pv<T, HEAD_DIM, STAGES>(acc, pf, base, pending);
 
   // Epilogue: normalise and store each row's column pairs (an empty CSR row outputs zeros).
@@ -585,6 +605,6 @@ __global__ void __launch_bounds__(cubsattn::sm90::THREADS, 1) blocksparse_prefil
     const int c = wg - 1;
     const int row_bit = block_size == 64 ? c : 0;  // the CSR row of this warpgroup's 64 rows
     consume<T, HEAD_DIM, STAGES>(smem, q, q_tok, q_head, out, o_tok, o_head, head, q_start, past,
-                                 tile_start + 64 * c, pos_lo, pos_hi, row_bit, scale_log2);
+                                 tile_start + 64 * c, pos_lo, pos_hi, row_bit, scale_log2, c);
   }
 }
