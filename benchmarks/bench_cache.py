@@ -6,14 +6,14 @@ written), timed in the same run. Kernel time: CUDA events around 20 back-to-back
 (validated arguments), divided by 20. "API" rows: host wall time per public call including its host validation (and
 device->host reads where documented), synchronised after each call. Write: 64k tokens x 8 kv heads x 128, cache
 block 16; slots of a block-shuffled prefill (each block filled by 16 consecutive tokens, blocks in random order), of
-packed chunked-prefill sequences (random lengths, each starting mid-block) and fully random slots. Decode step: 256
-tokens, each alone in its own cache block (random block, random offset): kernel time from CUDA events around ONE
-launch queued behind a 256 MB copy (so the host's launch time is not in it), median of 50, and the public call's
-wall time. Dispatch rows: both write kernels on decode-like and prefill slots for growing token counts (the
-library sends <= SCATTER_MAX_TOKENS tokens to the per-token kernel). copy_blocks: 10k
-(src, dst) pairs of one layer, random disjoint blocks. swap_blocks: 2k blocks to pinned host memory and back. Peer: a
-PyTorch advanced-indexing scatter of the same write (what a pure-PyTorch backend would do). Times are medians of
-CUDA-event-timed runs after warm-up; inputs are several times larger than L2.
+packed chunked-prefill sequences (random lengths, each starting mid-block) and fully random slots. Decode-sized
+writes: 1 to 4096 tokens, each alone in its own cache block (random block, random offset), and as prefill: kernel
+time of both write kernels from CUDA events around ONE launch queued behind a 256 MB copy (so the host's launch time
+is not in it), median of 50; for 64 and 256 tokens alone also the public call's wall time (the library sends
+<= SCATTER_MAX_TOKENS tokens to the per-token kernel). copy_blocks: 10k (src, dst) pairs of one layer, random
+disjoint blocks. swap_blocks: 2k blocks to pinned host memory and back. Peer: a PyTorch advanced-indexing scatter of
+the same write (what a pure-PyTorch backend would do). Times are medians of CUDA-event-timed runs after warm-up;
+inputs are several times larger than L2.
 
     python benchmarks/bench_cache.py [--no-peers]
 """
@@ -134,7 +134,7 @@ def bench_write(peers: bool):
 
 
 def bench_decode():
-    """A decode step's write (256 tokens alone in their blocks), and both kernels over growing token counts."""
+    """Decode steps' writes (64 and 256 tokens alone in their blocks), and both kernels over growing token counts."""
     rng = np.random.default_rng(3)
     nb = 8192
     print(f"\n| decode-sized write, {KV_HEADS} kv heads x {HEAD}, cache block {BS} | kernel us (events) | "
@@ -146,7 +146,7 @@ def bench_decode():
                                                                                                          kv_dtype))
         kc, vc = kvc.split_kv_cache(kv, KV_HEADS, HEAD)
         fp8 = kv_dtype == "fp8"
-        for t in (256, 512, 1024, 2048, 4096):
+        for t in (1, 16, 64, 128, 256, 512, 1024, 2048, 4096):
             key = cupy.asarray(rng.standard_normal((t, KV_HEADS, HEAD), np.float32).astype(BF16))
             value = cupy.asarray(rng.standard_normal((t, KV_HEADS, HEAD), np.float32).astype(BF16))
             blocks = rng.permutation(nb)[:t]
@@ -154,10 +154,12 @@ def bench_decode():
             pos = np.arange(t)
             prefill = cupy.asarray(blocks[pos // BS] * BS + pos % BS)
             for name, s in (("alone in its block", alone), ("prefill", prefill)):
+                if t < BS and name == "prefill":
+                    continue
                 us = {k: event_us(lambda: launch(key, value, kc, vc, s, fp8=fp8, k_scale=0.5, v_scale=0.5))
                       for k, launch in (("tokens", _cache_cuda.launch_tokens), ("tiles", _cache_cuda.launch_tiles))}
                 api = ""
-                if t == 256 and name.startswith("alone"):
+                if t in (64, 256) and name.startswith("alone"):
                     def call(check):
                         return lambda: kvc.write_to_paged_cache(key, value, kc, vc, s, kv_dtype, 0.5, 0.5,
                                                                 check_slots=check)

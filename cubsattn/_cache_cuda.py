@@ -14,14 +14,18 @@ from . import _kernels
 #: tokens per tile of reshape_and_cache (kTileTokens in kv_cache.cu).
 TILE_TOKENS = 16
 #: batches of at most this many tokens go to reshape_and_cache_tokens (one thread per token chunk, one load phase):
-#: decode steps. Larger ones go to the tile kernel, which stores whole row pieces for runs of consecutive slots.
-#: H200 (e4f25fb), 8 kv heads x 128, bf16, kernel us per-token / tile kernel: tokens alone in their blocks 16.8 /
-#: 18.5 (256 tokens), 33.1 / 37.8 (512); consecutive (prefill) slots 10.1 / 6.4 (256), 15.8 / 7.0 (512). 256 covers
-#: decode batches of up to 256 sequences and keeps prefill chunks of more tokens on the tile kernel.
-SCATTER_MAX_TOKENS = 256
+#: small decode steps, where a tile kernel CTA would have one token of 16 to store. Larger ones go to the tile kernel.
+#: H200 (this kernel pair), 8 kv heads x 128, bf16, kernel us per-token / tile kernel, tokens alone in their blocks:
+#: 17.2 / 11.4 (256 tokens), 33.9 / 21.0 (512); consecutive (prefill) slots 10.3 / 5.8 (256).
+SCATTER_MAX_TOKENS = 64
 #: largest head_size the write kernel takes (the largest decode supports).
 MAX_HEAD_SIZE = 256
 _THREADS = 256
+#: a reshape_and_cache CTA takes the fewest heads holding this many 8-element chunks per token (one head of 128):
+#: few heads per CTA keep CTAs in head-major order, so scattered element stores of one head meet in L2. H200, 64k
+#: tokens of 8 heads x 128, bf16, 1 / 2 / 8 heads per CTA: random slots 1.11 / 1.44 / 2.00 ms, prefill slots
+#: 0.139 / 0.140 / 0.139 ms.
+MIN_PART_CHUNKS = 16
 
 
 def _write_name(kernel: str, dtype, fp8: bool, slot_dtype) -> str:
@@ -38,18 +42,10 @@ SOURCE = _kernels.register(_kernels.KernelSource(
 
 
 @functools.cache
-def _function(name: str, device_id: int):
-    """Kernel ``name`` on device ``device_id``, looked up once: a decode step's write is host-bound."""
-    return _kernels.get_function(SOURCE.filename, name)
-
-
-@functools.cache
-def _resident_ctas(name: str, device_id: int) -> int:
-    """CTAs of kernel ``name`` resident on the whole device at once (the persistent grid size)."""
-    from cupy.cuda import driver
-
-    per_sm = driver.occupancyMaxActiveBlocksPerMultiprocessor(_function(name, device_id).kernel.ptr, _THREADS, 0)
-    return max(1, per_sm) * _kernels.num_sms()
+def _function(name: str, device_id: int, dynamic_smem: int = 0):
+    """Kernel ``name`` on device ``device_id`` (launched with ``dynamic_smem`` bytes of dynamic shared memory), looked
+    up once: a decode step's write is host-bound."""
+    return _kernels.get_function(SOURCE.filename, name, dynamic_smem=dynamic_smem)
 
 
 def reshape_and_cache(key, value, key_cache, value_cache, slot_mapping, *, fp8: bool, k_scale: float,
@@ -94,31 +90,33 @@ def launch_tokens(key, value, key_cache, value_cache, slot_mapping, *, fp8: bool
            (key, value, key_cache, value_cache, slot_mapping, *args, aligned))
 
 
+def _tile_heads(num_heads: int, head_size: int) -> int:
+    """Heads per reshape_and_cache CTA: the fewest (a divisor of num_heads) covering MIN_PART_CHUNKS chunks."""
+    return min((h for h in range(1, num_heads + 1)
+                if num_heads % h == 0 and h * head_size // 8 >= MIN_PART_CHUNKS), default=num_heads)
+
+
 def launch_tiles(key, value, key_cache, value_cache, slot_mapping, *, fp8: bool, k_scale: float,
                  v_scale: float) -> None:
-    """reshape_and_cache: persistent CTAs over 16-token tiles; ``T`` >= 1."""
+    """reshape_and_cache: one CTA per (16-token tile, range of heads), staged through shared memory; ``T`` >= 1."""
     import cupy
 
     num_tokens, num_heads, head_size = key.shape
     args, aligned = _common_args(key, value, value_cache, fp8, k_scale, v_scale)
-    block_size = value_cache.shape[3]
-    # Whole 8-slot value row segments are single 16-byte (fp8: 8-byte) stores when they are aligned.
-    vector_rows = block_size % 8 == 0 and value_cache.data.ptr % (8 * value_cache.itemsize) == 0
-    name = _write_name("reshape_and_cache", key.dtype, fp8, slot_mapping.dtype)
-    device_id = cupy.cuda.runtime.getDevice()
-    kernel = _function(name, device_id)
-    tiles = -(-num_tokens // TILE_TOKENS)
-    resident = _resident_ctas(name, device_id)
-    # Too few tiles to fill the GPU: split each tile's chunks into `parts` ranges, down to 16 key chunks (one round
-    # of 256 threads for two halves) per part.
-    key_chunks = num_heads * head_size // (16 if fp8 else 8)
-    parts = 1
-    while tiles * parts < resident and key_chunks % (2 * parts) == 0 and key_chunks // (2 * parts) >= 16:
-        parts *= 2
-    grid = min(tiles * parts, resident)
-    kernel((grid,), (_THREADS,),
-           (key, value, key_cache, value_cache, slot_mapping, *args, aligned, np.int32(vector_rows),
-            np.int32(parts)))
+    heads = _tile_heads(num_heads, head_size)
+    part_chunks = heads * head_size // 8
+    # Chunks are staged in 16-byte units XOR-swizzled within aligned groups of up to 8 (the largest power of two
+    # dividing part_chunks); 8 chunks of each tensor per thread.
+    swizzle_mask = min(8, part_chunks & -part_chunks) - 1
+    threads = min(_THREADS, -(-2 * part_chunks // 32) * 32)
+    smem = 2 * TILE_TOKENS * part_chunks * 16
+    kernel = _function(_write_name("reshape_and_cache", key.dtype, fp8, slot_mapping.dtype),
+                       cupy.cuda.runtime.getDevice(), smem)
+    # Full 16-slot segments get whole-row 16-byte value stores (the caller guarantees 16-byte aligned caches).
+    full_segments = value_cache.shape[3] % TILE_TOKENS == 0
+    kernel((-(-num_tokens // TILE_TOKENS), num_heads // heads), (threads,),
+           (key, value, key_cache, value_cache, slot_mapping, *args, aligned, np.int32(full_segments),
+            np.int32(part_chunks), np.int32(swizzle_mask)), shared_mem=smem)
 
 
 def copy_blocks(kv_caches, pairs: np.ndarray) -> None:

@@ -1,8 +1,8 @@
 // Paged KV cache kernels with vLLM's layout: reshape_and_cache (scatter new tokens' K/V into their slots, optionally
 // quantising to fp8 E4M3) and copy_blocks (whole-block copies for every layer in one launch).
 // key_cache [num_blocks, H, D/x, block_size, x] and value_cache [num_blocks, H, D, block_size], x = 16 bytes / elem.
-// reshape_and_cache: persistent CTAs walk tiles of 16 tokens x all heads, no shared memory; keys go from registers
-// straight to their 16-byte chunks, values are transposed in registers and stored as whole 8-slot row pieces.
+// reshape_and_cache: one CTA per (tile of 16 tokens, range of heads), grid (tiles, ranges); K/V staged in shared
+// memory by cp.async, then stored as 16-byte key chunks and (prefill tiles) whole 16-slot value row pieces.
 // reshape_and_cache_tokens (small batches, e.g. decode): one thread per (token, key chunk), one load phase.
 // copy_blocks: one CTA per (pair, layer * 2 + {key, value}).
 #include <cuda_fp8.h>
@@ -11,10 +11,8 @@
 
 namespace cubsattn {
 
-constexpr int kTileTokens = 16;  // tokens per tile (lanes 1..16 of every warp hold their slots)
+constexpr int kTileTokens = 16;  // tokens per tile: a 32-byte bf16/fp16 (16-byte fp8) value row piece
 constexpr int kCacheThreads = 256;
-constexpr int kSegment = 16;     // slots per group segment: a 32-byte bf16/fp16 value row sector
-constexpr int kHalf = 8;         // slots per value store: 16 bytes of bf16/fp16, 8 bytes of fp8
 constexpr unsigned kFullMask = 0xffffffffu;
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -149,202 +147,162 @@ __global__ void __launch_bounds__(kCacheThreads) reshape_and_cache_tokens(
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// reshape_and_cache (tiles)
-
+// reshape_and_cache (staged tiles)
 //
-// A tile is tokens t0 .. t0 + 15. Lane l of every warp holds the slot of token t0 - 1 + l (t0 - 1 .. t0 + 30), from
-// which each warp derives the same picture of the tile without shared memory:
-// - a token "continues" the previous one when its slot is the next slot of the same cache block and of the same
-//   aligned 16-slot segment; a "group" is a leader (a valid token that does not continue) plus its continuations:
-//   at most 16 tokens with consecutive slots inside one 16-slot segment of one block. Leaders in lanes 1..16 (the
-//   tile's tokens) own their group, which may extend into the next tile's tokens. So one CTA writes all of a
-//   segment's tokens (a 32-byte bf16 value row sector when block_size = 16), however sequences align with tiles.
-// - keys: item (token, chunk of x cache elements), lanes = 16 tokens x 2 chunks, so each warp store covers two
-//   rows of 16 consecutive slots (coalesced whenever slots are consecutive), each load a 32-byte sector per token.
-// - values: item (half of a group's segment, chunk of 8 d), over the non-empty halves only: the thread loads the
-//   tokens' chunks in that half (<= 8 loads; lanes across chunks, coalesced) and writes 8 rows (h, d) x those slots.
-//   A full half (8 slots, 8-aligned) is one 16-byte (fp8: 8-byte) store per row, and the two halves of a segment sit
-//   in adjacent lanes, so each warp store fills whole 32-byte row sectors. Partial halves (sequence starts and ends,
-//   single decode tokens) store element by element.
-// - lone tiles: when every group the tile leads is a single token (scattered slots), the half items would give each
-//   thread one value load per round (up to 8 rounds). The values then take the keys' items instead (token, chunk):
-//   one round, 8 key and 8 value loads in flight per thread, values stored element by element.
-// Padding (slot < 0) and out-of-range slots are in no group and have no key store: nothing is written for them.
-// A work unit is (tile, part): the chunks are split into `parts` equal ranges (the host picks parts > 1 only when
-// there are too few tiles to fill the GPU). Persistent CTAs walk the units; the next unit's slots are loaded before
-// this unit's work, so their latency is hidden. (Also prefetching the next unit's K/V rows into L2 made 64k-token
-// prefill writes slower on H200: 0.203 against 0.167 ms bf16, 0.158 against 0.137 ms fp8.)
+// A CTA (blockDim.x = a multiple of 32, at most 256) writes one tile (16 tokens) of one part: a range of heads,
+// part_chunks 8-element chunks per token (host: the fewest heads holding >= 16 chunks, 2 * part_chunks threads).
+// Stage: cp.async copies every token's K and V chunks of the part into shared memory, whatever its slot; no
+// registers hold them, so the whole 2 x 16 x part_chunks x 16 bytes are in flight at once (loads into registers
+// were sunk below the first stores by ptxas, a few in flight per warp). Rows are XOR-swizzled in 16-byte units
+// (chunk c of token t at c ^ swizzle(t)) so that the column reads below hit distinct banks.
+// Store, keys (both cases): item (token t = tid % 16, key chunk), 16 bytes at the token's slot; lanes cover two key
+// chunks of 16 tokens, so consecutive slots give 2 x 256 contiguous bytes per warp store.
+// Store, values:
+// - full segment (the 16 tokens fill slots s0 .. s0 + 15 with s0 % 16 == 0, block_size % 16 == 0: a prefill tile):
+//   each thread owns whole row pieces (h, d) x 16 slots and writes them with 16-byte stores, so a warp store fills
+//   512 contiguous bytes (bf16: thread = rows (2p, 2p + 1) x 8 slots, fp8: thread = row r x 16 slots);
+// - otherwise (sequence starts and ends, decode-like scattered slots): item (token, pair of rows), two element stores
+//   (lanes = 16 tokens x 2 pairs: 32-byte bf16 row pieces when slots are consecutive). Padding and out-of-range
+//   slots store nothing.
+// The grid is (tiles, parts) and CTAs start in blockIdx order, part-major: with scattered slots the partial-sector
+// element stores to one head's rows meet in L2 before they are written back (H200, 64k tokens in random slots of
+// 8 heads x 128, bf16: 1.11 ms with one head per CTA against 2.00 ms with all 8 in one CTA).
+
+__device__ __forceinline__ int swizzle(int t, int mask) { return ((t & 7) ^ ((t >> 3) << 2)) & mask; }
+
+// One 16-byte store. (Writing through a reinterpret_cast<uint4*> of an element pointer, NVVM split the bf16 row
+// stores into four 4-byte stores: twice the L2 write sectors, 0.63x copy bandwidth instead of 0.92x on H200.)
+__device__ __forceinline__ void store16(void* global, uint4 v) {
+  asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"l"(global), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w)
+               : "memory");
+}
+
+__device__ __forceinline__ void cp_async16(void* shared, const void* global) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"((unsigned)__cvta_generic_to_shared(shared)),
+               "l"(global));
+}
+
 template <typename T, bool kFp8, typename SlotT>
-__global__ void __launch_bounds__(kCacheThreads, 2) reshape_and_cache(
+__global__ void __launch_bounds__(kCacheThreads) reshape_and_cache(
     const T* __restrict__ key,              // [num_tokens, H, D], token stride key_stride elements
     const T* __restrict__ value,            // [num_tokens, H, D], token stride value_stride elements
     uint4* __restrict__ key_cache,          // [num_blocks, H, D/x, block_size] chunks of x elements (16 bytes)
     void* __restrict__ value_cache,         // [num_blocks, H, D, block_size] cache elements
     const SlotT* __restrict__ slot_mapping, // [num_tokens]; < 0 or >= num_slots: skipped
     long long key_stride, long long value_stride, int num_tokens, int num_heads, int head_size, int block_size,
-    int num_slots, float k_scale, float k_inv, float v_scale, float v_inv, int vector_loads, int vector_rows,
-    int parts) {
-  // Cache element: 1 byte (fp8) or 2; key chunk = x cache elements = kKLoads input chunks of 8.
+    int num_slots, float k_scale, float k_inv, float v_scale, float v_inv, int vector_loads, int full_segments,
+    int part_chunks, int swizzle_mask) {
   using Bits = typename CacheBits<kFp8>::type;
-  constexpr int kKLoads = kFp8 ? 2 : 1;
-  constexpr int kKItems = 8 / kKLoads;  // key items per thread and round: 8 input chunks, as for the values
+  constexpr int kKLoads = kFp8 ? 2 : 1;  // input chunks per key cache chunk
+  constexpr int kBits = 8 * (int)sizeof(Bits);
+  extern __shared__ uint4 stage[];  // keys [16][part_chunks], then values [16][part_chunks] (swizzled chunks)
+  uint4* skey = stage;
+  uint4* sval = stage + kTileTokens * part_chunks;
 
-  const int lane = threadIdx.x & 31;
-  const int num_units = (num_tokens + kTileTokens - 1) / kTileTokens * parts;
-  const int in_chunks = num_heads * head_size / 8;     // 8-element input chunks per token (all heads)
-  const int key_chunks = in_chunks / kKLoads;          // 16-byte key cache chunks per token
-  const int part_chunks = in_chunks / parts;           // input chunks of one unit (parts divides key_chunks)
-  const int part_key_chunks = key_chunks / parts;
-  const long long key_block = (long long)key_chunks * block_size;               // in 16-byte chunks
-  const long long value_block = (long long)num_heads * head_size * block_size;  // in cache elements
+  const int tid = threadIdx.x;
+  const int t0 = blockIdx.x * kTileTokens;
+  const int rows = min(kTileTokens, num_tokens - t0);
+  const int c0 = blockIdx.y * part_chunks;  // first input chunk of the part within a token's row
 
-  auto load_slot = [&](int unit) -> long long {
-    const int t = unit / parts * kTileTokens - 1 + lane;
-    return (t >= 0 && t < num_tokens) ? (long long)slot_mapping[t] : -1;
-  };
-  long long next_slot = blockIdx.x < num_units ? load_slot(blockIdx.x) : -1;
+  if (vector_loads) {
+    for (int i = tid; i < rows * part_chunks; i += blockDim.x) {
+      const int t = i / part_chunks, c = i - t * part_chunks;
+      const int s = t * part_chunks + (c ^ swizzle(t, swizzle_mask));
+      cp_async16(skey + s, key + (long long)(t0 + t) * key_stride + 8 * (c0 + c));
+      cp_async16(sval + s, value + (long long)(t0 + t) * value_stride + 8 * (c0 + c));
+    }
+    asm volatile("cp.async.commit_group;\n" ::);
+  } else {  // a row start or the token stride is not 16-byte aligned: element copies, same layout
+    unsigned short* sk16 = reinterpret_cast<unsigned short*>(skey);
+    unsigned short* sv16 = reinterpret_cast<unsigned short*>(sval);
+    const unsigned short* k16 = reinterpret_cast<const unsigned short*>(key);
+    const unsigned short* v16 = reinterpret_cast<const unsigned short*>(value);
+    for (int i = tid; i < rows * part_chunks * 8; i += blockDim.x) {
+      const int t = i / (8 * part_chunks), e = i - t * 8 * part_chunks, c = e / 8;
+      const int s = 8 * (t * part_chunks + (c ^ swizzle(t, swizzle_mask))) + e % 8;
+      sk16[s] = k16[(long long)(t0 + t) * key_stride + 8 * c0 + e];
+      sv16[s] = v16[(long long)(t0 + t) * value_stride + 8 * c0 + e];
+    }
+  }
 
-  for (int unit = blockIdx.x; unit < num_units; unit += gridDim.x) {
-    const int t0 = unit / parts * kTileTokens;
-    const int first_chunk = unit % parts * part_chunks;  // of the input; first key chunk = first_chunk / kKLoads
-    const long long raw = next_slot;
-    if (unit + (int)gridDim.x < num_units) next_slot = load_slot(unit + gridDim.x);
+  // Meanwhile: the slot of this thread's token t0 + tid % 16 (every warp holds all 16).
+  const int tok = tid & (kTileTokens - 1);
+  const long long raw = tok < rows ? (long long)slot_mapping[t0 + tok] : -1;
+  const bool valid = raw >= 0 && raw < num_slots;
+  const int slot = valid ? (int)raw : -1;
+  const int blk = valid ? slot / block_size : 0;
+  const int off = slot - blk * block_size;
+  const int slot0 = __shfl_sync(kFullMask, slot, 0);
+  const bool full = full_segments && slot0 % kTileTokens == 0 &&
+                    __all_sync(kFullMask, valid && slot == slot0 + tok);  // uniform over the CTA
+  const int swz = swizzle(tok, swizzle_mask);
 
-    // This lane's token: block (-1 if padding / out of range), offset, continuation, and as a leader: its position
-    // in its 16-slot segment, group length and non-empty halves (bits 2 * (lane - 1) + half of halves_mask).
-    const bool valid = raw >= 0 && raw < num_slots;
-    const int slot = valid ? (int)raw : -1;
-    const int blk = valid ? slot / block_size : -1;
-    const int off = valid ? slot - blk * block_size : 0;
-    const int prev = __shfl_up_sync(kFullMask, slot, 1);
-    const bool cont = valid && lane > 0 && prev == slot - 1 && slot % kSegment != 0 && off != 0;
-    const unsigned cont_mask = __ballot_sync(kFullMask, cont);
-    const bool leads = valid && !cont && lane >= 1 && lane <= kTileTokens;
-    // 1 + the continuing lanes right after this one (bits past lane 31 read as "not continuing").
-    const int run = __ffs(~(cont_mask >> lane) & ~1u) - 1;
-    const int pos = slot % kSegment;
-    const unsigned my_halves = leads ? (unsigned)(pos < kHalf) | ((unsigned)(pos + run > kHalf) << 1) : 0u;
-    unsigned halves_mask = 0;
+  if (vector_loads) asm volatile("cp.async.wait_all;\n" ::: "memory");
+  __syncthreads();
+
+  // Keys.
+  if (valid) {
+    const int key_chunks = num_heads * head_size / (8 * kKLoads);
+    const long long kbase = ((long long)blk * key_chunks + c0 / kKLoads) * block_size + off;
+    for (int c = tid / kTileTokens; c < part_chunks / kKLoads; c += blockDim.x / kTileTokens) {
+      uint4 in[kKLoads];
 #pragma unroll
-    for (int l = 1; l <= kTileTokens; ++l)
-      halves_mask |= (unsigned)__shfl_sync(kFullMask, my_halves, l) << (2 * (l - 1));
-    const bool lone = __ballot_sync(kFullMask, leads && run > 1) == 0;  // the same in every warp
-    const int num_halves = lone ? 0 : __popc(halves_mask);
+      for (int q = 0; q < kKLoads; ++q) in[q] = skey[tok * part_chunks + ((kKLoads * c + q) ^ swz)];
+      key_cache[kbase + (long long)c * block_size] = key_chunk<T, kFp8>(in, k_scale, k_inv);
+    }
+  }
 
-    // Keys: this thread's token is t0 + lane % 16 (lane l holds token t0 - 1 + l).
-    const int ktok = lane & (kTileTokens - 1);
-    const int kblk = __shfl_sync(kFullMask, blk, ktok + 1);
-    const int koff = __shfl_sync(kFullMask, off, ktok + 1);
-    const long long kbase = (long long)kblk * key_block + koff;
-    const T* krow = key + (long long)(t0 + ktok) * key_stride + 8 * first_chunk;
-    const bool kload = t0 + ktok < num_tokens;
-    // Lone tiles: this thread's token writes its values iff it leads (a continuation of the previous tile's group
-    // is written there).
-    const bool kleads = __shfl_sync(kFullMask, (int)leads, ktok + 1);
-    const T* lone_vrow = value + (long long)(t0 + ktok) * value_stride + 8 * first_chunk;
-
-    const int num_v = num_halves * part_chunks;
-    const int rounds = (max(num_halves, 2) * part_chunks + kCacheThreads - 1) / kCacheThreads;
-    for (int round = 0; round < rounds; ++round) {
-      // Issue every load of the round first (8 key + up to 8 value chunks in flight per thread).
-      uint4 kreg[8], vreg[8];
+  // Values: rows 8 * c0 .. 8 * (c0 + part_chunks) - 1 of the cache block.
+  const long long value_block = (long long)num_heads * head_size * block_size;
+  Bits* vcache = reinterpret_cast<Bits*>(value_cache);
+  if (full) {
+    Bits* seg = vcache + (long long)(slot0 / block_size) * value_block + (long long)(8 * c0) * block_size +
+                slot0 % block_size;
+    if constexpr (kFp8) {
+      // Thread = row r: its 16 slots are one 16-byte store.
+      const unsigned short* sv16 = reinterpret_cast<const unsigned short*>(sval);
+      for (int r = tid; r < 8 * part_chunks; r += blockDim.x) {
+        unsigned int q[8];
 #pragma unroll
-      for (int j = 0; j < kKItems; ++j) {
-        const int c = (round * kKItems + j) * (kCacheThreads / kTileTokens) + threadIdx.x / kTileTokens;
-        if (kload && c < part_key_chunks) {
-#pragma unroll
-          for (int q = 0; q < kKLoads; ++q)
-            kreg[j * kKLoads + q] = load_chunk(krow + 8 * (c * kKLoads + q), vector_loads);
+        for (int m = 0; m < 8; ++m) {
+          const int a = 2 * m, b = 2 * m + 1;
+          q[m] = fp8x2(half_to_float<T>(sv16[8 * (a * part_chunks + ((r / 8) ^ swizzle(a, swizzle_mask))) + r % 8]),
+                       half_to_float<T>(sv16[8 * (b * part_chunks + ((r / 8) ^ swizzle(b, swizzle_mask))) + r % 8]),
+                       v_scale, v_inv);
         }
+        store16(seg + (long long)r * block_size,
+                make_uint4(q[0] | (q[1] << 16), q[2] | (q[3] << 16), q[4] | (q[5] << 16), q[6] | (q[7] << 16)));
       }
-      // Values, lone tiles: the keys' items (token, chunk), kKLoads input chunks each, in vreg[kKLoads * j + q].
-      // Otherwise item u = (half u % num_halves, chunk u / num_halves), up to 8 token chunks in vreg[k]. Both
-      // branches are taken by the whole CTA (lone is uniform), so the shuffles see every lane.
-      int vblk = 0, voff = 0, vcount = 0, vc = 0;
-      bool vwork = false;
-      if (lone) {
-#pragma unroll
-        for (int j = 0; j < kKItems; ++j) {
-          const int c = (round * kKItems + j) * (kCacheThreads / kTileTokens) + threadIdx.x / kTileTokens;
-          if (kleads && c < part_key_chunks) {
-#pragma unroll
-            for (int q = 0; q < kKLoads; ++q)
-              vreg[j * kKLoads + q] = load_chunk(lone_vrow + 8 * (c * kKLoads + q), vector_loads);
-          }
-        }
-      } else {
-        const int u = round * kCacheThreads + threadIdx.x;
-        const int bit = num_halves ? __fns(halves_mask, 0, u % num_halves + 1) : 0;
-        const int lead = bit / 2 + 1, half = bit & 1;
-        vblk = __shfl_sync(kFullMask, blk, lead);
-        const int vpos = __shfl_sync(kFullMask, pos, lead);
-        const int vrun = __shfl_sync(kFullMask, run, lead);
-        // Segment positions [p0, p1) of this half hold tokens lead + (p - vpos), slots at offset voff + (p - p0).
-        const int p0 = max(vpos, kHalf * half), p1 = min(vpos + vrun, kHalf * half + kHalf);
-        voff = __shfl_sync(kFullMask, off, lead) + p0 - vpos;
-        vcount = p1 - p0;
-        vwork = u < num_v;
-        vc = first_chunk + (vwork ? u / num_halves : 0);
-        const T* vrow = value + (long long)(t0 - 1 + lead + p0 - vpos) * value_stride + 8 * vc;
-#pragma unroll
-        for (int k = 0; k < kHalf; ++k)
-          vreg[k] = (vwork && k < vcount) ? load_chunk(vrow + k * value_stride, vector_loads)
-                                          : make_uint4(0, 0, 0, 0);
-      }
-
-      // Keys: one 16-byte chunk per item, at chunk c of the token's slot.
-#pragma unroll
-      for (int j = 0; j < kKItems; ++j) {
-        const int c = (round * kKItems + j) * (kCacheThreads / kTileTokens) + threadIdx.x / kTileTokens;
-        if (!(kload && kblk >= 0 && c < part_key_chunks)) continue;
-        key_cache[kbase + (long long)(first_chunk / kKLoads + c) * block_size] =
-            key_chunk<T, kFp8>(&kreg[j * kKLoads], k_scale, k_inv);
-      }
-
-      Bits* vcache = reinterpret_cast<Bits*>(value_cache);
-      if (lone) {
-        // Rows d = 8 * (first_chunk + kKLoads * c) + (0 .. 8 * kKLoads) at the token's slot.
-#pragma unroll
-        for (int j = 0; j < kKItems; ++j) {
-          const int c = (round * kKItems + j) * (kCacheThreads / kTileTokens) + threadIdx.x / kTileTokens;
-          if (!(kleads && c < part_key_chunks)) continue;
-          Bits* column = vcache + (long long)kblk * value_block +
-                         (long long)(8 * (first_chunk + kKLoads * c)) * block_size + koff;
-          store_value_column<T, kFp8>(column, &vreg[j * kKLoads], block_size, v_scale, v_inv);
-        }
-      } else if (vwork) {
-        // Rows d = 8 * vc + j (j < 8) at the half's slots voff .. voff + vcount - 1.
-        const long long vbase = (long long)vblk * value_block + (long long)(8 * vc) * block_size + voff;
-        // vector_rows (host): block_size % 8 == 0 and an aligned cache, so a full half's 8 slots are aligned.
-        const bool vector_row = vector_rows && vcount == kHalf;
+    } else {
+      // Thread = rows (2p, 2p + 1) x slots 8k .. 8k + 7: 8 word reads (tokens 8k + i, elements 2p and 2p + 1)
+      // give two 16-byte stores; adjacent lanes hold the two halves of a row.
+      const unsigned int* sw = reinterpret_cast<const unsigned int*>(sval);
+      for (int i = tid; i < 8 * part_chunks; i += blockDim.x) {
+        const int p = i / 2, k = i & 1;
+        unsigned int w[8];
 #pragma unroll
         for (int j = 0; j < 8; ++j) {
-          Bits* row = vcache + vbase + (long long)j * block_size;
-          // seg[m]: the pair of tokens (2m, 2m + 1) of element j, packed low-to-high.
-          unsigned int seg[4];
-#pragma unroll
-          for (int m = 0; m < 4; ++m) {
-            if constexpr (kFp8) {
-              seg[m] = fp8x2(element<T>(vreg[2 * m], j), element<T>(vreg[2 * m + 1], j), v_scale, v_inv);
-            } else {
-              seg[m] = __byte_perm(word(vreg[2 * m], j / 2), word(vreg[2 * m + 1], j / 2),
-                                   (j & 1) ? 0x7632 : 0x5410);
-            }
-          }
-          if (vector_row) {
-            if constexpr (kFp8) {
-              *reinterpret_cast<uint2*>(row) = make_uint2(seg[0] | (seg[1] << 16), seg[2] | (seg[3] << 16));
-            } else {
-              *reinterpret_cast<uint4*>(row) = make_uint4(seg[0], seg[1], seg[2], seg[3]);
-            }
-          } else {
-            constexpr int kBits = 8 * (int)sizeof(Bits);
-#pragma unroll
-            for (int k = 0; k < kHalf; ++k)
-              if (k < vcount) row[k] = (Bits)(seg[k / 2] >> (kBits * (k & 1)));
-          }
+          const int t = 8 * k + j;
+          w[j] = sw[4 * (t * part_chunks + ((p / 4) ^ swizzle(t, swizzle_mask))) + p % 4];
         }
+        Bits* row = seg + (long long)(2 * p) * block_size + 8 * k;
+        store16(row, make_uint4(__byte_perm(w[0], w[1], 0x5410), __byte_perm(w[2], w[3], 0x5410),
+                                __byte_perm(w[4], w[5], 0x5410), __byte_perm(w[6], w[7], 0x5410)));
+        store16(row + block_size, make_uint4(__byte_perm(w[0], w[1], 0x7632), __byte_perm(w[2], w[3], 0x7632),
+                                             __byte_perm(w[4], w[5], 0x7632), __byte_perm(w[6], w[7], 0x7632)));
       }
+    }
+  } else if (valid) {
+    // Item (token tok, row pair p): elements 2p and 2p + 1 of the token's word p.
+    const unsigned int* sw = reinterpret_cast<const unsigned int*>(sval);
+    Bits* column = vcache + (long long)blk * value_block + (long long)(8 * c0) * block_size + off;
+    for (int p = tid / kTileTokens; p < 4 * part_chunks; p += blockDim.x / kTileTokens) {
+      const unsigned int w = sw[4 * (tok * part_chunks + ((p / 4) ^ swz)) + p % 4];
+      const unsigned int pair = kFp8 ? fp8x2(half_to_float<T>(w & 0xffffu), half_to_float<T>(w >> 16), v_scale,
+                                             v_inv)
+                                     : w;
+      column[(long long)(2 * p) * block_size] = (Bits)pair;
+      column[(long long)(2 * p + 1) * block_size] = (Bits)(pair >> kBits);
     }
   }
 }

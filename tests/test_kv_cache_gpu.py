@@ -125,6 +125,28 @@ def test_write_prefill_runs(cp, write_kernel, rng, dtype, prefill, kv_cache_dtyp
         np.testing.assert_array_equal(bits(got.reshape(2, -1)), bits(want))
 
 
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "fp8"])
+@pytest.mark.parametrize("min_part_chunks", [1, 16, 4096])
+def test_write_tile_heads_per_cta(cp, rng, monkeypatch, kv_cache_dtype, min_part_chunks):
+    """The tile kernel with 1, 2 and all 4 heads per CTA (32 / 32 / 64 threads, 8 / 16 / 32 staged chunks per token)
+    on prefill runs (full 16-slot segments and partial ones) next to scattered tokens and padding."""
+    monkeypatch.setattr(_cache_cuda, "SCATTER_MAX_TOKENS", 0)
+    monkeypatch.setattr(_cache_cuda, "MIN_PART_CHUNKS", min_part_chunks)
+    h, d, bs, nb = 4, 64, 16, 48
+    fp8 = kv_cache_dtype == "fp8"
+    runs = prefill_slots(rng, (40, 23), bs, nb // 2, contexts=(0, 5))  # blocks 0 .. nb / 2 - 1
+    scattered = nb // 2 * bs + rng.permutation(nb // 2 * bs)[:21]       # the other blocks
+    slots = np.concatenate([runs, scattered])
+    t = slots.size
+    key = (rng.standard_normal((t, h, d)) * 3).astype(BF16)
+    value = (rng.standard_normal((t, h, d)) * 3).astype(BF16)
+    kv = poisoned_cache(nb, bs, h, d, np.uint8 if fp8 else BF16)
+    got = gpu_write(cp, cp.asarray(key), cp.asarray(value), kv, slots, h, d, kv_cache_dtype=kv_cache_dtype,
+                    k_scale=0.3, v_scale=0.6)
+    want = oracle_write(kv.reshape(2, -1), key, value, slots, block_size=bs, fp8=fp8, k_scale=0.3, v_scale=0.6)
+    np.testing.assert_array_equal(bits(got.reshape(2, -1)), bits(want))
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_fp8_many_scales_every_16bit_input(cp, write_kernel, rng, dtype):
     """The division-free quantiser against the NumPy one (IEEE division) over every 16-bit input for random scales
