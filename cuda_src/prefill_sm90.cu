@@ -261,13 +261,23 @@ __device__ __forceinline__ void produce(unsigned char* smem, const T* __restrict
     const T* kp = k_base + (long long)n0 * k_tok;
     const T* vp = v_base + (long long)n0 * v_tok;
     const int rows_left = k_len - n0 - r0;  // this thread's rows at or past the sequence end load zeros
+    if ((PASSES - 1) * ROWS_PER_PASS < rows_left) {  // the whole tile is inside the sequence (all but the last)
 #pragma unroll
-    for (int p = 0; p < PASSES; ++p) {
-      const bool valid = p * ROWS_PER_PASS < rows_left;  // keys past the sequence: zeros (masked causally)
-      cp_async_16(dk + p * ROWS_PER_PASS * 128, valid ? kp : k, valid);
-      cp_async_16(dv + p * ROWS_PER_PASS * 128, valid ? vp : v, valid);
-      kp += k_step;
-      vp += v_step;
+      for (int p = 0; p < PASSES; ++p) {
+        cp_async_16(dk + p * ROWS_PER_PASS * 128, kp, true);
+        cp_async_16(dv + p * ROWS_PER_PASS * 128, vp, true);
+        kp += k_step;
+        vp += v_step;
+      }
+    } else {
+#pragma unroll
+      for (int p = 0; p < PASSES; ++p) {
+        const bool valid = p * ROWS_PER_PASS < rows_left;  // keys past the sequence: zeros (masked causally)
+        cp_async_16(dk + p * ROWS_PER_PASS * 128, valid ? kp : k, valid);
+        cp_async_16(dv + p * ROWS_PER_PASS * 128, valid ? vp : v, valid);
+        kp += k_step;
+        vp += v_step;
+      }
     }
     cp_async_commit();
     if (it > 0) {
@@ -366,21 +376,24 @@ __device__ __forceinline__ void attend(float (&acc)[HEAD_DIM / 64][32], unsigned
   float scale_old[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    float mx = row_max[r];
+    // Max and sum as trees, not chains: with two consumer warps per scheduler the dependent latency is exposed.
+    float m[8];
 #pragma unroll
-    for (int j = 0; j < 8; ++j) mx = fmaxf(mx, fmaxf(s[j * 4 + 2 * r], s[j * 4 + 2 * r + 1]));
+    for (int j = 0; j < 8; ++j) m[j] = fmaxf(s[j * 4 + 2 * r], s[j * 4 + 2 * r + 1]);
+    float mx = fmaxf(fmaxf(fmaxf(m[0], m[1]), fmaxf(m[2], m[3])), fmaxf(fmaxf(m[4], m[5]), fmaxf(m[6], m[7])));
+    mx = fmaxf(mx, row_max[r]);
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
     const float base_r = mx == NEG_INF ? 0.f : mx * scale_log2;  // no key yet: keep everything finite
     scale_old[r] = exp2_approx(row_max[r] * scale_log2 - base_r);
     row_max[r] = mx;
-    float sum = 0.f;
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
       s[j * 4 + 2 * r] = exp2_approx(fmaf(s[j * 4 + 2 * r], scale_log2, -base_r));
       s[j * 4 + 2 * r + 1] = exp2_approx(fmaf(s[j * 4 + 2 * r + 1], scale_log2, -base_r));
-      sum += s[j * 4 + 2 * r] + s[j * 4 + 2 * r + 1];
+      m[j] = s[j * 4 + 2 * r] + s[j * 4 + 2 * r + 1];
     }
+    const float sum = ((m[0] + m[1]) + (m[2] + m[3])) + ((m[4] + m[5]) + (m[6] + m[7]));
     row_sum[r] = row_sum[r] * scale_old[r] + sum;  // per-lane partial; quad-reduced at the end
   }
 
@@ -482,9 +495,8 @@ __device__ __forceinline__ void consume(unsigned char* smem, const T* __restrict
   const int my_bar = 1 + consumer, other_bar = 2 - consumer;
   if (consumer == 1) named_bar_arrive(other_bar);
   int pending = -1;  // ring stage of the tile whose P V is still to do
-  for (int it = 0;; ++it) {
-    const int stage = it % STAGES;
-    mbar_wait(full_bar + stage * 8, (it / STAGES) & 1);
+  for (int stage = 0, phase = 0;; phase ^= stage == STAGES - 1, stage = stage == STAGES - 1 ? 0 : stage + 1) {
+    mbar_wait(full_bar + stage * 8, phase);
     const int2 tile = info[stage];
     if (tile.x < 0) break;
     named_bar_sync(my_bar);
