@@ -162,12 +162,26 @@ def paged_decode(query, key_cache, value_cache, block_tables, seq_lens, out, *, 
     ``context_len`` bounds every sequence (the longest host seq_len, or ``max_seq_len``) and sizes the splits;
     ``out`` is a contiguous ``[S, Hq, D]`` array of the query dtype.
     """
-    import cupy
-
     if query.shape[0] == 0:
         return
-    # Everything but the array pointers is looked up in a per-configuration plan: building the split count, the
-    # kernel handle and ~20 NumPy scalars on every call cost more host time than a small decode step takes on the GPU.
+    launch_plan(plan_of(query, key_cache, block_tables, max_seq_len=max_seq_len, context_len=context_len, fp8=fp8,
+                        scale=scale, k_scale=k_scale, v_scale=v_scale, tp_rank=tp_rank, local_blocks=local_blocks,
+                        vert_stride=vert_stride, sparse_block=sparse_block, sliding_step=sliding_step,
+                        num_splits=num_splits),
+                query, key_cache, value_cache, block_tables, seq_lens, out)
+
+
+def plan_of(query, key_cache, block_tables, *, max_seq_len: int, context_len: int, fp8: bool, scale: float,
+            k_scale: float, v_scale: float, tp_rank: int, local_blocks: int, vert_stride: int, sparse_block: int,
+            sliding_step: int, num_splits: int | None) -> tuple:
+    """The launch plan of :func:`paged_decode` for arrays of these shapes and strides on the current device (cached).
+
+    Everything but the array pointers is in the plan: building the split count, the kernel handle and ~20 NumPy
+    scalars on every call cost more host time than a small decode step takes on the GPU. A caller that keeps the
+    plan for a fixed signature (the backend's decode fast path) launches it with :func:`launch_plan` directly.
+    """
+    import cupy
+
     key = (cupy.cuda.runtime.getDevice(), BULK_MIN_CC, query.shape, query.strides, query.dtype, key_cache.shape, fp8,
            block_tables.shape, block_tables.strides, max_seq_len, context_len, scale, k_scale, v_scale, tp_rank,
            local_blocks, vert_stride, sparse_block, sliding_step, num_splits)
@@ -177,6 +191,11 @@ def paged_decode(query, key_cache, value_cache, block_tables, seq_lens, out, *, 
                                    fp8=fp8, scale=scale, k_scale=k_scale, v_scale=v_scale, tp_rank=tp_rank,
                                    local_blocks=local_blocks, vert_stride=vert_stride, sparse_block=sparse_block,
                                    sliding_step=sliding_step, num_splits=num_splits)
+    return plan
+
+
+def launch_plan(plan: tuple, query, key_cache, value_cache, block_tables, seq_lens, out) -> None:
+    """Launch ``plan`` (from :func:`plan_of`, same shapes, strides and device) on these arrays' contents."""
     kernel, grid, block, smem, scalars, workspace, combine = plan
     part_o, part_ml = workspace if workspace is not None else (out, out)  # one split: the kernel writes `out` only
     kernel(grid, block, (out, part_o, part_ml, query, key_cache, value_cache, block_tables, seq_lens, *scalars),
