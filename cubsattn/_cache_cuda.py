@@ -14,9 +14,11 @@ from . import _kernels
 #: tokens per tile of reshape_and_cache (kTileTokens in kv_cache.cu).
 TILE_TOKENS = 16
 #: batches of at most this many tokens go to reshape_and_cache_tokens (one thread per token chunk, one load phase):
-#: small decode steps, where a tile kernel CTA would have one token of 16 to store. Larger ones go to the tile kernel.
-#: H200 (this kernel pair), 8 kv heads x 128, bf16, kernel us per-token / tile kernel, tokens alone in their blocks:
-#: 17.2 / 11.4 (256 tokens), 33.9 / 21.0 (512); consecutive (prefill) slots 10.3 / 5.8 (256).
+#: small decode steps, where a tile kernel CTA would have few of its 16 tokens to store. Larger ones go to the tile
+#: kernel. H200 (c1d0a2c), 8 kv heads x 128, kernel us per-token / tile kernel, tokens alone in their blocks: bf16
+#: 5.1 / 5.7 (1 token), 6.5 / 6.6 (16), 6.9 / 6.8 (64), 9.2 / 7.6 (128), 17.7 / 11.6 (256); fp8 5.2 / 6.9 (1),
+#: 8.9 / 7.6 (16), 9.0 / 7.8 (64), 9.2 / 7.9 (128). Up to 64 tokens the GPU times are within ~1 us and the per-token
+#: launcher is the leaner host path.
 SCATTER_MAX_TOKENS = 64
 #: largest head_size the write kernel takes (the largest decode supports).
 MAX_HEAD_SIZE = 256
@@ -90,6 +92,7 @@ def launch_tokens(key, value, key_cache, value_cache, slot_mapping, *, fp8: bool
            (key, value, key_cache, value_cache, slot_mapping, *args, aligned))
 
 
+@functools.cache
 def _tile_heads(num_heads: int, head_size: int) -> int:
     """Heads per reshape_and_cache CTA: the fewest (a divisor of num_heads) covering MIN_PART_CHUNKS chunks."""
     return min((h for h in range(1, num_heads + 1)
