@@ -59,53 +59,28 @@ def reshape_and_cache(key, value, key_cache, value_cache, slot_mapping, *, fp8: 
     """
     if key.shape[0] == 0:
         return
-    launch = launch_tokens if key.shape[0] <= SCATTER_MAX_TOKENS else launch_tiles
-    launch(key, value, key_cache, value_cache, slot_mapping, fp8=fp8, k_scale=k_scale, v_scale=v_scale)
+    launch_write(write_plan(key, value, value_cache, slot_mapping, fp8=fp8, k_scale=k_scale, v_scale=v_scale),
+                 key, value, key_cache, value_cache, slot_mapping)
 
 
-def _common_args(key, value, value_cache, fp8, k_scale, v_scale):
-    """(kernel arguments after slot_mapping up to v_inv, vector_loads) shared by both write kernels."""
-    num_tokens, num_heads, head_size = key.shape
-    isz = key.dtype.itemsize
-    # 16-byte loads need every row start aligned; otherwise the kernels fall back to element loads.
-    aligned = all(p % 16 == 0 for p in (key.data.ptr, value.data.ptr, key.strides[0], value.strides[0]))
-    block_size = value_cache.shape[3]
-    # fp8 divides by the scale through a multiply by RN(1 / scale) plus an fma correction (see kv_cache.cu).
-    k_scale, v_scale = np.float32(k_scale), np.float32(v_scale)
-    return ((np.int64(key.strides[0] // isz), np.int64(value.strides[0] // isz), np.int32(num_tokens),
-             np.int32(num_heads), np.int32(head_size), np.int32(block_size),
-             np.int32(value_cache.shape[0] * block_size), k_scale, np.float32(1) / k_scale, v_scale,
-             np.float32(1) / v_scale), np.int32(aligned))
-
-
-def launch_tokens(key, value, key_cache, value_cache, slot_mapping, *, fp8: bool, k_scale: float,
-                  v_scale: float) -> None:
-    """reshape_and_cache_tokens: one thread per (token, 16-byte key cache chunk); ``T`` >= 1."""
+def write_plan(key, value, value_cache, slot_mapping, *, fp8: bool, k_scale: float, v_scale: float,
+               kernel: str | None = None) -> tuple:
+    """``(kernel, grid, block, shared bytes, arguments before the alignment flag, arguments after it)`` of the write
+    of ``key``/``value`` ``[T >= 1, H, D]`` into caches shaped like ``value_cache``. Depends on shapes, strides,
+    dtypes, the scales and the device only; a caller repeating a write of one signature (the backend's decode fast
+    path) keeps it and calls :func:`launch_write`. ``kernel`` ("tokens" / "tiles") overrides the choice by ``T``
+    (benchmarks)."""
     import cupy
 
     num_tokens, num_heads, head_size = key.shape
-    args, aligned = _common_args(key, value, value_cache, fp8, k_scale, v_scale)
-    kernel = _function(_write_name("reshape_and_cache_tokens", key.dtype, fp8, slot_mapping.dtype),
-                       cupy.cuda.runtime.getDevice())
-    items = num_tokens * (num_heads * head_size // (16 if fp8 else 8))
-    kernel((-(-items // _THREADS),), (_THREADS,),
-           (key, value, key_cache, value_cache, slot_mapping, *args, aligned))
-
-
-@functools.cache
-def _tile_heads(num_heads: int, head_size: int) -> int:
-    """Heads per reshape_and_cache CTA: the fewest (a divisor of num_heads) covering MIN_PART_CHUNKS chunks."""
-    return min((h for h in range(1, num_heads + 1)
-                if num_heads % h == 0 and h * head_size // 8 >= MIN_PART_CHUNKS), default=num_heads)
-
-
-def launch_tiles(key, value, key_cache, value_cache, slot_mapping, *, fp8: bool, k_scale: float,
-                 v_scale: float) -> None:
-    """reshape_and_cache: one CTA per (16-token tile, range of heads), staged through shared memory; ``T`` >= 1."""
-    import cupy
-
-    num_tokens, num_heads, head_size = key.shape
-    args, aligned = _common_args(key, value, value_cache, fp8, k_scale, v_scale)
+    args = _common_args(key, value, value_cache, k_scale, v_scale)
+    device = cupy.cuda.runtime.getDevice()
+    if kernel == "tokens" or (kernel is None and num_tokens <= SCATTER_MAX_TOKENS):
+        # reshape_and_cache_tokens: one thread per (token, 16-byte key cache chunk)
+        function = _function(_write_name("reshape_and_cache_tokens", key.dtype, fp8, slot_mapping.dtype), device)
+        items = num_tokens * (num_heads * head_size // (16 if fp8 else 8))
+        return function, (-(-items // _THREADS),), (_THREADS,), 0, args, ()
+    # reshape_and_cache: one CTA per (16-token tile, range of heads), staged through shared memory.
     heads = _tile_heads(num_heads, head_size)
     part_chunks = heads * head_size // 8
     # Chunks are staged in 16-byte units XOR-swizzled within aligned groups of up to 8 (the largest power of two
@@ -113,13 +88,53 @@ def launch_tiles(key, value, key_cache, value_cache, slot_mapping, *, fp8: bool,
     swizzle_mask = min(8, part_chunks & -part_chunks) - 1
     threads = min(_THREADS, -(-2 * part_chunks // 32) * 32)
     smem = 2 * TILE_TOKENS * part_chunks * 16
-    kernel = _function(_write_name("reshape_and_cache", key.dtype, fp8, slot_mapping.dtype),
-                       cupy.cuda.runtime.getDevice(), smem)
+    function = _function(_write_name("reshape_and_cache", key.dtype, fp8, slot_mapping.dtype), device, smem)
     # Full 16-slot segments get whole-row 16-byte value stores (the caller guarantees 16-byte aligned caches).
     full_segments = value_cache.shape[3] % TILE_TOKENS == 0
-    kernel((-(-num_tokens // TILE_TOKENS), num_heads // heads), (threads,),
-           (key, value, key_cache, value_cache, slot_mapping, *args, aligned, np.int32(full_segments),
-            np.int32(part_chunks), np.int32(swizzle_mask)), shared_mem=smem)
+    return (function, (-(-num_tokens // TILE_TOKENS), num_heads // heads), (threads,), smem, args,
+            (np.int32(full_segments), np.int32(part_chunks), np.int32(swizzle_mask)))
+
+
+def launch_write(plan: tuple, key, value, key_cache, value_cache, slot_mapping) -> None:
+    """Launch a :func:`write_plan` on these arrays (same signature as the plan's)."""
+    kernel, grid, block, smem, args, tail = plan
+    # 16-byte loads need every row start aligned (pointers change between calls); otherwise element loads.
+    aligned = np.int32((key.data.ptr | value.data.ptr | key.strides[0] | value.strides[0]) & 15 == 0)
+    kernel(grid, block, (key, value, key_cache, value_cache, slot_mapping, *args, aligned, *tail), shared_mem=smem)
+
+
+def launch_tokens(key, value, key_cache, value_cache, slot_mapping, *, fp8: bool, k_scale: float,
+                  v_scale: float) -> None:
+    """The write through reshape_and_cache_tokens whatever ``T`` (>= 1)."""
+    launch_write(write_plan(key, value, value_cache, slot_mapping, fp8=fp8, k_scale=k_scale, v_scale=v_scale,
+                            kernel="tokens"), key, value, key_cache, value_cache, slot_mapping)
+
+
+def launch_tiles(key, value, key_cache, value_cache, slot_mapping, *, fp8: bool, k_scale: float,
+                 v_scale: float) -> None:
+    """The write through reshape_and_cache (tiles) whatever ``T`` (>= 1)."""
+    launch_write(write_plan(key, value, value_cache, slot_mapping, fp8=fp8, k_scale=k_scale, v_scale=v_scale,
+                            kernel="tiles"), key, value, key_cache, value_cache, slot_mapping)
+
+
+def _common_args(key, value, value_cache, k_scale, v_scale) -> tuple:
+    """The kernel arguments after slot_mapping up to v_inv, shared by both write kernels."""
+    num_tokens, num_heads, head_size = key.shape
+    isz = key.dtype.itemsize
+    block_size = value_cache.shape[3]
+    # fp8 divides by the scale through a multiply by RN(1 / scale) plus an fma correction (see kv_cache.cu).
+    k_scale, v_scale = np.float32(k_scale), np.float32(v_scale)
+    return (np.int64(key.strides[0] // isz), np.int64(value.strides[0] // isz), np.int32(num_tokens),
+            np.int32(num_heads), np.int32(head_size), np.int32(block_size),
+            np.int32(value_cache.shape[0] * block_size), k_scale, np.float32(1) / k_scale, v_scale,
+            np.float32(1) / v_scale)
+
+
+@functools.cache
+def _tile_heads(num_heads: int, head_size: int) -> int:
+    """Heads per reshape_and_cache CTA: the fewest (a divisor of num_heads) covering MIN_PART_CHUNKS chunks."""
+    return min((h for h in range(1, num_heads + 1)
+                if num_heads % h == 0 and h * head_size // 8 >= MIN_PART_CHUNKS), default=num_heads)
 
 
 def copy_blocks(kv_caches, pairs: np.ndarray) -> None:

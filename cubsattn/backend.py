@@ -14,7 +14,7 @@ import numbers
 import sys
 from dataclasses import dataclass, replace
 
-from . import _decode_cuda
+from . import _cache_cuda, _decode_cuda
 from . import decode as _decode
 from . import kv_cache as _kv
 from ._checks import array_module, as_array, check_array, check_int, dtype_name, to_host
@@ -237,8 +237,10 @@ class BlocksparseFlashAttentionImpl:
                     half_bytes = kv_cache[0].nbytes
                     # The decode kernel's own launch plan (grid, scalars, workspace) is resolved once here too.
                     decode_plan = _decode_cuda.plan_of(q_dec, key_cache, dm.block_tables, **launch)
+                    write_plan = _cache_cuda.write_plan(k, v, value_cache, m.slot_mapping, fp8=fp8, k_scale=scales[0],
+                                                        v_scale=scales[1])
                     self._plans[plan_key] = (key_cache.shape, value_cache.shape, half_bytes,
-                                             key_cache.shape[0] * key_cache.shape[3], fp8, *scales, decode_plan)
+                                             key_cache.shape[0] * key_cache.shape[3], write_plan, decode_plan)
         return output
 
     def _decode_args(self, k_scale, v_scale) -> tuple:
@@ -280,7 +282,7 @@ class BlocksparseFlashAttentionImpl:
 
     def _forward_planned(self, plan, query, key, value, kv_cache, m, output):
         """:meth:`forward` of a decode-only step whose key passed every check before: views and two launches."""
-        key_shape, value_shape, half_bytes, num_slots, fp8, k_scale, v_scale, decode_plan = plan
+        key_shape, value_shape, half_bytes, num_slots, write_plan, decode_plan = plan
         if m.max_slot is not None and m.max_slot >= num_slots:
             raise ValueError(f"slot_mapping has slot {m.max_slot} but the cache has {num_slots} slots")
         T = query.shape[0]
@@ -291,8 +293,8 @@ class BlocksparseFlashAttentionImpl:
         # The cache is C-contiguous (part of the key): its two halves as arrays on its memory, without indexing.
         key_cache = cupy.ndarray(key_shape, kv_cache.dtype, kv_cache.data)
         value_cache = cupy.ndarray(value_shape, kv_cache.dtype, kv_cache.data + half_bytes)
-        _kv.write_validated(key.reshape(T, Hkv, D), value.reshape(T, Hkv, D), key_cache, value_cache, m.slot_mapping,
-                            fp8=fp8, k_scale=k_scale, v_scale=v_scale)
+        _cache_cuda.launch_write(write_plan, key.reshape(T, Hkv, D), value.reshape(T, Hkv, D), key_cache, value_cache,
+                                 m.slot_mapping)
         _decode_cuda.launch_plan(decode_plan, query.reshape(T, H, D), key_cache, value_cache, m.block_tables,
                                  m.seq_lens_tensor, output.reshape(T, H, D))
         return output
