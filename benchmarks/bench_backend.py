@@ -141,8 +141,7 @@ def _per_call_us(fn, n=2000) -> float:
 
 def host_ops(impl, cache, builder, handles, q, kv, out):
     """Host microseconds of the CuPy calls a decode step is made of (best of 5 loops)."""
-    from cubsattn import decode as dec
-    from cubsattn import kv_cache as kvc
+    from cubsattn import _cache_cuda, _decode_cuda
 
     a = cupy.empty(40000, dtype=np.int32)
     pinned = cupy.cuda.alloc_pinned_memory(a.nbytes)
@@ -168,12 +167,11 @@ def host_ops(impl, cache, builder, handles, q, kv, out):
         ("event.record", lambda: event.record(stream)),
         ("event.done", lambda: event.done),
         ("cupy.asarray(numpy 147 KB)", lambda: cupy.asarray(np.empty(36864, np.int32))),
-        ("write launch (write_validated)", lambda: kvc.write_validated(k3, k3, key_cache, value_cache,
-                                                                       meta.slot_mapping, fp8=False, k_scale=1.0,
-                                                                       v_scale=1.0)),
-        ("decode launch (launch_validated)", lambda: dec.launch_validated(q3, key_cache, value_cache,
-                                                                          meta.block_tables, meta.seq_lens_tensor,
-                                                                          o3, plan[-1])),
+        ("write launch (stored plan)", lambda: _cache_cuda.launch_write(plan[-2], k3, k3, key_cache, value_cache,
+                                                                        meta.slot_mapping)),
+        ("decode launch (stored plan)", lambda: _decode_cuda.launch_plan(plan[-1], q3, key_cache, value_cache,
+                                                                         meta.block_tables, meta.seq_lens_tensor,
+                                                                         o3)),
         ("plan key (_decode_plan_key)", lambda: impl._decode_plan_key(q, kv, kv, cache, meta, 1.0, 1.0, out)),
     ]
     print("--- host cost of single calls (us, best of 5 loops)")

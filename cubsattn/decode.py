@@ -321,15 +321,11 @@ def _call_signature(query, key_cache, value_cache, block_tables, seq_lens, max_s
 
 def validated_launch(*args, **kwargs) -> dict | None:
     """Launch arguments of an earlier :func:`forward_decode` call with the same signature that passed every check
-    and used its index arrays in place (CuPy arrays only), or None. With them, :func:`launch_validated` repeats the
-    call with new array contents and no checks (the decode kernel clamps lengths and drops out-of-range block ids)."""
+    and used its index arrays in place (CuPy arrays only), or None. A caller may repeat the call from them with new
+    array contents and no checks (the decode kernel clamps lengths and drops out-of-range block ids), through
+    :func:`cubsattn._decode_cuda.plan_of` and ``launch_plan``, as the backend's decode fast path does."""
     signature = _call_signature(*args, **kwargs)
     return _VALIDATED.get(signature) if signature is not None else None
-
-
-def launch_validated(query, key_cache, value_cache, block_tables, seq_lens, out, launch: dict):
-    """Launch the decode kernel with ``launch`` from :func:`validated_launch` (arrays of the same signature)."""
-    return _launch(query, key_cache, value_cache, block_tables, seq_lens, out, launch)
 
 
 def _signature(arrays, out, scalars):

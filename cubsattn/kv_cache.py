@@ -268,15 +268,6 @@ def write_to_paged_cache(key, value, key_cache, value_cache, slot_mapping, kv_ca
                                   v_scale=v_scale)
 
 
-def write_validated(key, value, key_cache, value_cache, slot_mapping, *, fp8: bool, k_scale: float,
-                    v_scale: float) -> None:
-    """The CUDA write of :func:`write_to_paged_cache` without its checks, for a caller that has passed arrays of the
-    same shapes, strides, dtypes and cache alignment through :func:`write_to_paged_cache` before (the kernel skips
-    slots outside the cache, so slot values need no check). ``k_scale``/``v_scale`` as validated floats."""
-    _cache_cuda.reshape_and_cache(key, value, key_cache, value_cache, slot_mapping, fp8=fp8, k_scale=k_scale,
-                                  v_scale=v_scale)
-
-
 def _write_numpy(key, value, key_cache, value_cache, slot_mapping, fp8, k_scale, v_scale):
     block_size = value_cache.shape[3]
     slots = slot_mapping.astype(np.int64)
