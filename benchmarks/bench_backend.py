@@ -54,53 +54,35 @@ def _median_us(times) -> float:
     return float(np.median(times[10:])) * 1e6
 
 
+def _time_steps(impl, builder, handles, q, kv, cache, out, steps, *, idle=False):
+    """Median host us of (build, forward) over ``steps`` decode steps; ``idle``: synchronise before each step (no
+    queueing behind earlier steps), else every 16 steps."""
+    times_build, times_fwd = [], []
+    for i in range(steps):
+        if idle or i % 16 == 0:
+            cupy.cuda.get_current_stream().synchronize()
+        t0 = time.perf_counter()
+        meta = builder.build([], handles)
+        t1 = time.perf_counter()
+        impl.forward(q, kv, kv, cache, meta, output=out)
+        t2 = time.perf_counter()
+        times_build.append(t1 - t0)
+        times_fwd.append(t2 - t1)
+    cupy.cuda.get_current_stream().synchronize()
+    return _median_us(times_build), _median_us(times_fwd)
+
+
 def host_overhead(batch=256, context=2048, steps=200):
     impl, cache, alloc, builder, handles, q, kv = setup(batch, context, 4 * steps + 200)
     out = cupy.empty_like(q)
-    times_build, times_fwd = [], []
-    for i in range(steps):
-        t0 = time.perf_counter()
-        meta = builder.build([], handles)
-        t1 = time.perf_counter()
-        impl.forward(q, kv, kv, cache, meta, output=out)
-        t2 = time.perf_counter()
-        times_build.append(t1 - t0)
-        times_fwd.append(t2 - t1)
-        if i % 16 == 0:
-            cupy.cuda.get_current_stream().synchronize()
-    cupy.cuda.get_current_stream().synchronize()
-    b, f = _median_us(times_build), _median_us(times_fwd)
+    b, f = _time_steps(impl, builder, handles, q, kv, cache, out, steps)
     print(f"host overhead, decode step of {batch} sequences: build metadata {b:.0f} us + dispatch one layer "
           f"{f:.0f} us = {b + f:.0f} us (target <= 100 us)")
-    # The same step with the GPU idle between steps (synchronised before each): no queueing behind earlier steps.
-    times_build, times_fwd = [], []
-    for i in range(100):
-        cupy.cuda.get_current_stream().synchronize()
-        t0 = time.perf_counter()
-        meta = builder.build([], handles)
-        t1 = time.perf_counter()
-        impl.forward(q, kv, kv, cache, meta, output=out)
-        t2 = time.perf_counter()
-        times_build.append(t1 - t0)
-        times_fwd.append(t2 - t1)
-    cupy.cuda.get_current_stream().synchronize()
-    b, f = _median_us(times_build), _median_us(times_fwd)
+    b, f = _time_steps(impl, builder, handles, q, kv, cache, out, 100, idle=True)
     print(f"  same, GPU idle at each step start: build {b:.0f} us + dispatch {f:.0f} us = {b + f:.0f} us")
-    times_build, times_fwd = [], []
-    as_array = np.array(handles)
-    for i in range(100):
-        t0 = time.perf_counter()
-        meta = builder.build([], as_array)
-        t1 = time.perf_counter()
-        impl.forward(q, kv, kv, cache, meta, output=out)
-        t2 = time.perf_counter()
-        times_build.append(t1 - t0)
-        times_fwd.append(t2 - t1)
-        if i % 16 == 0:
-            cupy.cuda.get_current_stream().synchronize()
-    cupy.cuda.get_current_stream().synchronize()
-    b, f = _median_us(times_build), _median_us(times_fwd)
-    print(f"  same, handles in a NumPy array instead of a list: build {b:.0f} us + dispatch {f:.0f} us = {b + f:.0f} us")
+    b, f = _time_steps(impl, builder, np.array(handles), q, kv, cache, out, 100)
+    print(f"  same, handles in a NumPy array instead of a list: build {b:.0f} us + dispatch {f:.0f} us = "
+          f"{b + f:.0f} us")
     # Builds back to back (no forward between them: warmer caches than a serving loop gives).
     host = BlocksparseMetadataBuilder(alloc)
     times = []
