@@ -54,15 +54,17 @@ def _median_us(times) -> float:
     return float(np.median(times[10:])) * 1e6
 
 
-def _time_steps(impl, builder, handles, q, kv, cache, out, steps, *, idle=False):
+def _time_steps(impl, builder, handles, q, kv, cache, out, steps, *, idle=False, new_list=False):
     """Median host us of (build, forward) over ``steps`` decode steps; ``idle``: synchronise before each step (no
-    queueing behind earlier steps), else every 16 steps."""
+    queueing behind earlier steps), else every 16 steps; ``new_list``: pass the handles as a new (equal) list each
+    step, made outside the timed part, as a scheduler building its batch anew would."""
     times_build, times_fwd = [], []
     for i in range(steps):
         if idle or i % 16 == 0:
             cupy.cuda.get_current_stream().synchronize()
+        batch = list(handles) if new_list else handles
         t0 = time.perf_counter()
-        meta = builder.build([], handles)
+        meta = builder.build([], batch)
         t1 = time.perf_counter()
         impl.forward(q, kv, kv, cache, meta, output=out)
         t2 = time.perf_counter()
@@ -80,6 +82,8 @@ def host_overhead(batch=256, context=2048, steps=200):
           f"{f:.0f} us = {b + f:.0f} us (target <= 100 us)")
     b, f = _time_steps(impl, builder, handles, q, kv, cache, out, 100, idle=True)
     print(f"  same, GPU idle at each step start: build {b:.0f} us + dispatch {f:.0f} us = {b + f:.0f} us")
+    b, f = _time_steps(impl, builder, handles, q, kv, cache, out, 100, new_list=True)
+    print(f"  same, a new (equal) list of handles each step: build {b:.0f} us + dispatch {f:.0f} us = {b + f:.0f} us")
     b, f = _time_steps(impl, builder, np.array(handles), q, kv, cache, out, 100)
     print(f"  same, handles in a NumPy array instead of a list: build {b:.0f} us + dispatch {f:.0f} us = "
           f"{b + f:.0f} us")

@@ -12,6 +12,7 @@ import functools
 import math
 import numbers
 import sys
+import weakref
 from dataclasses import dataclass, replace
 
 from . import _cache_cuda, _decode_cuda
@@ -26,6 +27,8 @@ from .params import BlocksparseParams
 PAD_SLOT_ID = -1
 #: Validated decode signatures kept per layer (a serving loop sees a few batch sizes; more are re-validated).
 _MAX_PLANS = 256
+#: Metadata fields a builder may leave to be made on first read (see the metadata's notes).
+_DEFERRABLE = frozenset(("seq_lens", "context_lens_tensor", "query_start_loc", "seq_start_loc"))
 
 
 @dataclass
@@ -57,6 +60,13 @@ class BlocksparseFlashAttentionMetadata:
     max_slot : int or None
         Largest entry of ``slot_mapping``, known on the host (set by the builder). With it, ``forward`` checks the
         slots against the cache without reading ``slot_mapping`` back from the GPU.
+
+    Notes
+    -----
+    Metadata the builder makes on CuPy creates ``seq_lens``, ``context_lens_tensor``, ``query_start_loc`` and
+    ``seq_start_loc`` on first read (a decode step reads none of them, and making them costs a few microseconds of
+    host time per step). They read like any other field (``dataclasses.replace`` and ``dataclasses.asdict``
+    included); only ``vars()`` shows the fields not read yet as missing.
     """
 
     num_prefills: int
@@ -79,6 +89,15 @@ class BlocksparseFlashAttentionMetadata:
     @property
     def num_tokens(self) -> int:
         return self.num_prefill_tokens + self.num_decode_tokens
+
+    def __getattr__(self, name):
+        # Reached only for names not in the instance: a field the builder left to be made on first read, through
+        # the instance's "_deferred" entry ``(make, state)``, ``make(state, name)`` giving the field's value.
+        deferred = self.__dict__.get("_deferred")
+        if deferred is None or name not in _DEFERRABLE:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        value = self.__dict__[name] = deferred[0](deferred[1], name)
+        return value
 
     @functools.cached_property
     def prefill_metadata(self) -> "BlocksparseFlashAttentionMetadata | None":
@@ -152,6 +171,8 @@ class BlocksparseFlashAttentionImpl:
         self.layout = BlockSparseLayout.from_params(p)
         # Decode-only GPU steps whose array signature passed every check once (see _decode_plan_key).
         self._plans: dict[tuple, tuple] = {}
+        # [plan, weak reference to the kv_cache, its key half, its value half] of the last planned step, or empty.
+        self._cache_views: list = []
 
     def forward(self, query, key, value, kv_cache, attn_metadata: BlocksparseFlashAttentionMetadata,
                 k_scale: float = 1.0, v_scale: float = 1.0, output=None):
@@ -290,9 +311,16 @@ class BlocksparseFlashAttentionImpl:
         cupy = sys.modules["cupy"]
         if output is None:
             output = cupy.empty_like(query)
-        # The cache is C-contiguous (part of the key): its two halves as arrays on its memory, without indexing.
-        key_cache = cupy.ndarray(key_shape, kv_cache.dtype, kv_cache.data)
-        value_cache = cupy.ndarray(value_shape, kv_cache.dtype, kv_cache.data + half_bytes)
+        views = self._cache_views
+        if views and views[0] is plan and views[1]() is kv_cache:  # a serving loop passes a layer one cache
+            key_cache, value_cache = views[2], views[3]
+        else:
+            # The cache is C-contiguous (part of the key): its two halves as arrays on its memory, without indexing.
+            key_cache = cupy.ndarray(key_shape, kv_cache.dtype, kv_cache.data)
+            value_cache = cupy.ndarray(value_shape, kv_cache.dtype, kv_cache.data + half_bytes)
+            views = self._cache_views = [plan, None, key_cache, value_cache]
+            # Dropped with the cache, so that the views do not keep a cache the caller let go of in memory.
+            views[1] = weakref.ref(kv_cache, lambda _, views=views: views.clear())
         _cache_cuda.launch_write(write_plan, key.reshape(T, Hkv, D), value.reshape(T, Hkv, D), key_cache, value_cache,
                                  m.slot_mapping)
         _decode_cuda.launch_plan(decode_plan, query.reshape(T, H, D), key_cache, value_cache, m.block_tables,

@@ -4,7 +4,9 @@ Plain NumPy bookkeeping on the host. Sequences are identified by integer handles
 arrays), so a whole batch is processed with a handful of vectorised NumPy operations, not one Python iteration per
 sequence. A decode step (:meth:`BlockAllocator.append_decode`) is the hot path of a serving loop: it skips the
 copy-on-write planning while no block is shared, reuses the validation of the previous step's handles while no
-sequence was added or freed, and reads whole table rows as one slice when the handles are consecutive.
+sequence was added or freed (a list equal to the previous step's is not even converted to an array), reads whole
+table rows as one slice when the handles are consecutive, and adds each sequence's offset in its last block to the
+first slot of that block, kept per sequence, instead of looking the block up in the table.
 
 One step of a serving loop::
 
@@ -65,6 +67,7 @@ class BlockAllocator:
     def __init__(self, num_blocks: int, block_size: int):
         self.num_blocks = check_int("num_blocks", num_blocks, minimum=1)
         self.block_size = check_int("block_size", block_size, minimum=1)
+        self._pow2 = self.block_size & (self.block_size - 1) == 0  # offsets in a block by a mask, not a division
         # Free list as a stack: entries [0, _num_free) are free ids; popping from the top hands out low ids first.
         self._free = np.arange(self.num_blocks - 1, -1, -1, dtype=np.int64)
         self._num_free = self.num_blocks
@@ -73,14 +76,18 @@ class BlockAllocator:
         self._tables = np.zeros((16, 16), dtype=np.int32)
         self._lens = np.zeros(16, dtype=np.int64)
         self._nblocks = np.zeros(16, dtype=np.int64)
+        # First slot of each sequence's last block (table[row, nblocks - 1] * block_size), for rows holding blocks:
+        # a decode step's slot is this plus the length modulo block_size unless the last block is full.
+        self._base = np.zeros(16, dtype=np.int64)
         self._alive = np.zeros(16, dtype=bool)
         self._mark = np.zeros(16, dtype=np.int64)  # scratch for duplicate-handle detection
         self._spare_rows: list[int] = []
         self._next_row = 0
         # Bumped whenever the set of live handles changes: a validated handle batch stays valid until then.
         self._version = 0
-        self._validated = None  # (version, rows, slice of rows when consecutive) of the last validated batch
-        self._offsets = None    # (rows, table width, rows * table width) for the last decode batch
+        # (version, rows, slice of rows when consecutive or None, a copy of the handles when they came as a list or
+        # None, the rows' bytes) of the last validated batch.
+        self._validated = None
         # False only while no block has more than one holder (no fork since the last check): decode steps then need
         # no copy-on-write planning.
         self._maybe_shared = False
@@ -159,6 +166,7 @@ class BlockAllocator:
         self._tables[child, :n] = self._tables[parent, :n]
         self._refs[self._tables[parent, :n]] += 1  # a table never holds a block twice
         self._lens[child], self._nblocks[child], self._alive[child] = self._lens[parent], n, True
+        self._base[child] = self._base[parent]
         self._maybe_shared = self._maybe_shared or n > 0
         self._version += 1
         return child
@@ -205,7 +213,7 @@ class BlockAllocator:
         """
         rows = self._rows(handles)
         if _is_one(num_new_tokens):
-            _, slots, cow, _ = self._append_ones(rows)
+            _, _, slots, cow, _, _ = self._append_ones(rows)
             return slots, cow
         return self._append(rows, self._counts(handles, num_new_tokens))
 
@@ -233,15 +241,21 @@ class BlockAllocator:
         OutOfBlocksError, ValueError
             Nothing changed.
         """
+        context, _, slots, cow, tables, _ = self._decode_step(handles, width)
+        return context, slots, cow, tables
+
+    def _decode_step(self, handles, width):
+        """:meth:`append_decode`, plus the lengths after the append (int64 ``[B]``, a new array) second and the
+        largest of them (int) last."""
         rows = self._rows(handles)
-        context, slots, cow, width = self._append_ones(rows, width)
+        context, lens, slots, cow, width, longest = self._append_ones(rows, width)
         span = self._span(rows)
         if width <= self._tables.shape[1]:
             tables = self._tables[span if span is not None else rows, :width]
         else:
             tables = self._tables_of(rows, width)
         tables.flags.writeable = False
-        return context, slots, cow, tables
+        return context, lens, slots, cow, tables, longest
 
     def append_step(self, handles, num_new_tokens, *, width: int | None = None):
         """:meth:`append_tokens`, plus what a step's metadata needs, validating the handles once.
@@ -254,7 +268,7 @@ class BlockAllocator:
         """
         rows = self._rows(handles)
         if _is_one(num_new_tokens):
-            context, slots, cow, _ = self._append_ones(rows, width)
+            context, _, slots, cow, _, _ = self._append_ones(rows, width)
         else:
             counts = self._counts(handles, num_new_tokens)
             context = self._lens[rows].copy()
@@ -262,45 +276,42 @@ class BlockAllocator:
         return context, slots, cow, self._tables_of(rows, width)
 
     def _append_ones(self, rows, width=None):
-        """(context lens, slots, cow, table width) of appending one token to each row, the width checked (or chosen:
-        the largest block count, at least 1) first; the copy-on-write plan only when a block may be shared."""
+        """(context lens, lens after, slots, cow, table width, largest length after) of appending one token to each
+        row, the width checked (or chosen: the largest block count, at least 1) first; the copy-on-write plan only
+        when a block may be shared."""
         bs = self.block_size
         if self._maybe_shared:
-            width = self._check_width(width, int((-(-(self._lens[rows] + 1) // bs)).max(initial=0)))
             context = self._lens[rows].copy()
+            longest = int(context.max(initial=-1)) + 1
+            width = self._check_width(width, (longest + bs - 1) // bs)
             slots, cow = self._append(rows, np.ones(rows.size, dtype=np.int64))
-            return context, slots, cow, width
+            return context, context + 1, slots, cow, width, longest
         span = self._span(rows)
         at = rows if span is None else span
-        lens = self._lens[at].copy()
-        col, off = np.divmod(lens, bs)
+        context = self._lens[at]
+        if span is not None:
+            context = context.copy()
+        off = context & (bs - 1) if self._pow2 else context % bs
         # A sequence holds ceil(lens / bs) blocks: the new token opens a block exactly when the last one is full.
-        full = off == 0
-        need = int(np.count_nonzero(full))
-        width = self._check_width(width, int(lens.max(initial=-1)) // bs + 1)
+        need = off.size - np.count_nonzero(off)
+        longest = int(context.max(initial=-1)) + 1
+        width = self._check_width(width, (longest + bs - 1) // bs)
         if need > self._num_free:
             raise OutOfBlocksError(f"need {need} free blocks ({need} new, 0 copy-on-write) but only "
                                    f"{self._num_free} of {self.num_blocks} are free")
         if need:
-            grow_rows, cols = rows[full], col[full]
+            full = off == 0
+            grow_rows, cols = rows[full], context[full] // bs
             if int(cols.max()) >= self._tables.shape[1]:
                 self._grow_columns(int(cols.max()) + 1)
             fresh = self._pop(need)
             self._refs[fresh] = 1
             self._tables[grow_rows, cols] = fresh
             self._nblocks[grow_rows] = cols + 1
-        self._lens[at] = lens + 1
-        # One 1-D gather from the flat table (row offsets cached per validated batch and table width).
-        slots = np.multiply(self._tables.reshape(-1)[self._row_offsets(rows) + col], bs, dtype=np.int64)
-        slots += off
-        return lens, slots, _NO_COW, width
-
-    def _row_offsets(self, rows) -> np.ndarray:
-        """``rows * table width``: where each row starts in the flattened table."""
-        cached = self._offsets
-        if cached is None or cached[0] is not rows or cached[1] != self._tables.shape[1]:
-            cached = self._offsets = (rows, self._tables.shape[1], rows * self._tables.shape[1])
-        return cached[2]
+            self._base[grow_rows] = fresh * bs
+        lens = context + 1
+        self._lens[at] = lens
+        return context, lens, self._base[at] + off, _NO_COW, width, longest
 
     @staticmethod
     def _check_width(width, need: int) -> int:
@@ -338,6 +349,7 @@ class BlockAllocator:
             self._tables[grow_rows, cols] = fresh[num_cow:]
         self._lens[rows] = lens + counts
         self._nblocks[rows] = new_nblocks
+        self._base[rows] = self._tables[rows, np.maximum(new_nblocks - 1, 0)].astype(np.int64) * self.block_size
         total = int(counts.sum())
         if total == rows.size and (counts == 1).all():  # decode: one token per sequence
             token_rows, pos = rows, lens
@@ -368,15 +380,19 @@ class BlockAllocator:
 
     def _rows(self, handles) -> np.ndarray:
         """Validated int64 rows of ``handles`` (live, distinct); do not modify the result."""
+        last = self._validated
+        # The batch of the previous step again, as an equal list (the usual case), with no sequence added or freed
+        # since: already known live and distinct, and no list-to-array conversion.
+        if type(handles) is list and last is not None and last[0] == self._version and handles == last[3]:
+            return last[1]
         rows = np.asarray(handles)
         if rows.ndim > 1 or rows.dtype.kind not in "iu":
             raise TypeError(f"handles must be an int or a 1-D integer array, got {rows.dtype} shape {rows.shape}")
         rows = rows.astype(np.int64, copy=False).reshape(-1)
         if rows.size == 0:
             return rows
-        last = self._validated
-        # The batch of the previous step, with no sequence added or freed since: already known live and distinct.
-        if last is not None and last[0] == self._version and last[1].size == rows.size and (last[1] == rows).all():
+        # The same for an array (or anything else NumPy converts), compared as bytes.
+        if last is not None and last[0] == self._version and last[4] == rows.tobytes():
             return last[1]
         if rows.min() < 0 or rows.max() >= self._alive.size or not self._alive[rows].all():
             bad = [int(r) for r in rows if not (0 <= r < self._alive.size and self._alive[r])]
@@ -388,7 +404,8 @@ class BlockAllocator:
         rows = rows.copy()  # the cached copy below must not change when the caller's array does
         span = (slice(int(rows[0]), int(rows[0]) + rows.size)
                 if int(rows[-1]) - int(rows[0]) == rows.size - 1 and (np.diff(rows) == 1).all() else None)
-        self._validated = (self._version, rows, span)
+        self._validated = (self._version, rows, span, list(handles) if type(handles) is list else None,
+                           rows.tobytes())
         return rows
 
     def _span(self, rows):
@@ -417,8 +434,8 @@ class BlockAllocator:
         if row == self._alive.size:
             grow = self._alive.size
             self._tables = np.concatenate([self._tables, np.zeros_like(self._tables[:grow])])
-            self._lens, self._nblocks, self._mark = (np.concatenate([a, np.zeros_like(a)])
-                                                     for a in (self._lens, self._nblocks, self._mark))
+            self._lens, self._nblocks, self._base, self._mark = (
+                np.concatenate([a, np.zeros_like(a)]) for a in (self._lens, self._nblocks, self._base, self._mark))
             self._alive = np.concatenate([self._alive, np.zeros_like(self._alive)])
         self._next_row += 1
         return row

@@ -13,6 +13,7 @@ Buffer layout (int32 units), ``T`` tokens, ``N`` sequences, block-table width ``
 from __future__ import annotations
 
 import collections
+import weakref
 
 import numpy as np
 
@@ -22,6 +23,11 @@ from .block_manager import BlockAllocator
 
 #: Page-locked staging buffers kept per builder: steps the GPU may lag behind the host before a build waits.
 MAX_STAGING_BUFFERS = 32
+
+# Ring entries of dropped builders whose last copy had not completed: a buffer freed into CuPy's pinned memory pool
+# could be handed out and written (by another builder, or by CuPy staging a host-to-device copy) while the GPU still
+# reads it. Kept until their copies are done; pruned whenever a ring is dropped or a buffer allocated.
+_RETIRED: list = []
 
 
 class BlocksparseMetadataBuilder:
@@ -106,14 +112,14 @@ class BlocksparseMetadataBuilder:
         """A decode-only step: the allocator's one-token append, no per-token expansion."""
         if pad_to is not None:
             pad_to = check_int("pad_to", pad_to, minimum=np.size(decodes))
-        context, slots, cow, tables = self.allocator.append_decode(decodes, width=width)
+        context, lens, slots, cow, tables, longest = self.allocator._decode_step(decodes, width)
         real = context.size
         if real == 0:
             raise ValueError("a step needs at least one prefill or decode sequence")
         batch = real if pad_to is None else pad_to
         f, host_tables = self._buffers(batch, batch, tables.shape[1])
         f.slots[:real] = slots
-        np.add(context, 1, out=f.seq[:real])
+        f.seq[:real] = lens
         f.context[:real] = context
         host_tables[:real] = tables
         if batch > real:  # CUDA-graph padding rows
@@ -122,8 +128,8 @@ class BlocksparseMetadataBuilder:
             f.context[real:] = 0
             host_tables[real:] = 0
         return self._finish(f, host_tables, num_prefills=0, num_prefill_tokens=0, num_decode_tokens=batch,
-                            max_query_len=1, max_prefill_seq_len=0, max_decode_seq_len=int(f.seq.max()),
-                            use_cuda_graph=pad_to is not None, cow=cow, max_slot=int(f.slots.max()))
+                            max_query_len=1, max_prefill_seq_len=0, max_decode_seq_len=longest,
+                            use_cuda_graph=pad_to is not None, cow=cow, max_slot=int(slots.max()))
 
     def _buffers(self, num_tokens: int, batch: int, width: int):
         """(the step's small fields, its ``[batch, width]`` block-table buffer), laid out as the module docstring says.
@@ -148,29 +154,38 @@ class BlocksparseMetadataBuilder:
 
     def _finish(self, f, host_tables, *, cow, **fields) -> BlocksparseFlashAttentionMetadata:
         """Cumulative lengths, the one transfer, and the metadata whose arrays are views of the transferred buffer."""
-        np.cumsum(f.seq, out=f.ssl[1:])
+        np.add.accumulate(f.seq, out=f.ssl[1:])
         if self._staging is None:
-            arrays = dict(slot_mapping=f.slots, seq_lens_tensor=f.seq, context_lens_tensor=f.context,
-                          query_start_loc=f.qsl, seq_start_loc=f.ssl, block_tables=host_tables)
-        else:
-            arrays = self._upload(f, host_tables.shape)
-        return BlocksparseFlashAttentionMetadata(seq_lens=f.seq.tolist(), blocks_to_copy=cow, **arrays, **fields)
-
-    def _upload(self, f, tables_shape) -> dict:
-        """The metadata arrays as CuPy arrays on one device buffer, filled by one asynchronous copy."""
+            return BlocksparseFlashAttentionMetadata(
+                seq_lens=f.seq.tolist(), slot_mapping=f.slots, seq_lens_tensor=f.seq, context_lens_tensor=f.context,
+                query_start_loc=f.qsl, seq_start_loc=f.ssl, block_tables=host_tables, blocks_to_copy=cow, **fields)
         import cupy
 
         host = self._host
         host[:f.buf.size] = f.buf
         base = self._staging.upload(host)
-        i32, (o_seq, o_ctx, o_qsl, o_ssl, o_tab) = np.int32, f.offsets
-        n = f.seq.size
-        return dict(slot_mapping=cupy.ndarray(f.slots.shape, np.int64, base),
-                    seq_lens_tensor=cupy.ndarray((n,), i32, base + 4 * o_seq),
-                    context_lens_tensor=cupy.ndarray((n,), i32, base + 4 * o_ctx),
-                    query_start_loc=cupy.ndarray((n + 1,), i32, base + 4 * o_qsl),
-                    seq_start_loc=cupy.ndarray((n + 1,), i32, base + 4 * o_ssl),
-                    block_tables=cupy.ndarray(tables_shape, i32, base + 4 * o_tab))
+        n, offsets = f.seq.size, f.offsets
+        # The fields forward reads are made now; the others (and the host list seq_lens) on first read, from the
+        # device buffer and a copy of the host lengths (the scratch fields are reused by the next step). Made without
+        # __init__, which would take all of them: the keys below with _DEFERRABLE are the dataclass's fields.
+        m = BlocksparseFlashAttentionMetadata.__new__(BlocksparseFlashAttentionMetadata)
+        m.__dict__.update(fields, slot_mapping=cupy.ndarray(f.slots.shape, np.int64, base),
+                          seq_lens_tensor=cupy.ndarray((n,), np.int32, base + 4 * offsets[0]),
+                          block_tables=cupy.ndarray(host_tables.shape, np.int32, base + 4 * offsets[4]),
+                          blocks_to_copy=cow, _deferred=(_deferred_field, (base, n, offsets, f.seq.copy())))
+        return m
+
+
+def _deferred_field(state, name: str):
+    """Field ``name`` of staged metadata (``state``: device buffer, sequences, field offsets, host lengths)."""
+    import cupy
+
+    base, n, (_, o_ctx, o_qsl, o_ssl, _), seq = state
+    if name == "seq_lens":
+        return seq.tolist()
+    offset, size = {"context_lens_tensor": (o_ctx, n), "query_start_loc": (o_qsl, n + 1),
+                    "seq_start_loc": (o_ssl, n + 1)}[name]
+    return cupy.ndarray((size,), np.int32, base + 4 * offset)
 
 
 class _Fields:
@@ -211,6 +226,7 @@ class _PinnedRing:
         # Entries: [pinned int32 array, its address, event of its last copy or None, the event's device].
         self._ring = collections.deque()
         self._current = None
+        weakref.finalize(self, _retire, self._ring).atexit = False  # at exit no copy needs protecting
 
     def take(self, size: int) -> np.ndarray:
         """A pinned int32 buffer of ``size`` elements that no pending copy reads."""
@@ -233,6 +249,7 @@ class _PinnedRing:
     def _new(size: int) -> list:
         import cupyx
 
+        _retire(())  # prune
         # A power of two: the tables widen by one column every block_size steps, and a buffer that fitted only the
         # step it was made for would be replaced (a page-locked allocation, tens of microseconds) at nearly every step.
         host = cupyx.empty_pinned(1 << max(size - 1, 1 << 14).bit_length(), dtype=np.int32)
@@ -254,3 +271,8 @@ class _PinnedRing:
             entry[2], entry[3] = cupy.cuda.Event(block=False, disable_timing=True), dev.device_id
         entry[2].record(stream)
         return dev
+
+
+def _retire(entries) -> None:
+    """Keep those of ``entries`` whose last copy may be pending in ``_RETIRED``; drop the ones whose copy is done."""
+    _RETIRED[:] = [e for e in (*_RETIRED, *entries) if e[2] is not None and not e[2].done]

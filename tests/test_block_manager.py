@@ -207,10 +207,11 @@ def test_decode_step_bookkeeping_is_fast():
     assert np.median(times) < 100e-6, f"median {np.median(times) * 1e6:.0f} us"
 
 
-def test_append_decode_matches_the_general_path(rng):
-    """Decode steps through append_decode (fast path, consecutive or scattered handles, with and without forks)
-    give the slots, copy-on-write pairs and tables of the general append (array counts) on a twin allocator."""
-    bs = 4
+@pytest.mark.parametrize("bs", [4, 3])
+def test_append_decode_matches_the_general_path(rng, bs):
+    """Decode steps through append_decode (fast path, consecutive or scattered handles as arrays or lists, with and
+    without forks, block sizes a power of two or not) give the slots, copy-on-write pairs and tables of the general
+    append (array counts) on a twin allocator."""
     fast, ref = BlockAllocator(200, bs), BlockAllocator(200, bs)
     live: dict[int, int] = {}
     for step in range(400):
@@ -244,7 +245,8 @@ def test_append_decode_matches_the_general_path(rng):
             handles = np.array(sorted(live)) if op % 2 else rng.permutation(list(live))
             width = None if rng.integers(2) else int(max(-(-(live[hd] + 1) // bs) for hd in handles.tolist())) + 2
             try:
-                context, slots, cow, tables = fast.append_decode(handles, width=width)
+                context, slots, cow, tables = fast.append_decode(handles.tolist() if op >= 10 else handles,
+                                                                 width=width)
             except OutOfBlocksError:
                 continue
             ones = np.ones(handles.size, dtype=np.int64)
@@ -289,6 +291,32 @@ def test_validated_handles_are_rechecked_after_changes():
     with pytest.raises(TypeError, match="handles must be an int or a 1-D integer array"):
         alloc.append_decode([float(a)])
     assert alloc.seq_lens(a).tolist() == [2]                 # the two accepted steps only
+
+
+def test_validated_list_of_handles_is_rechecked_when_it_changes():
+    """A list equal to the last validated one skips the checks; a list changed in place, or any list after a
+    sequence was added or freed, is checked again."""
+    alloc = BlockAllocator(16, 4)
+    a, b = alloc.add_sequence(), alloc.add_sequence()
+    handles = [a, b]
+    alloc.append_decode(handles)
+    alloc.append_decode(list(handles))                  # an equal list (a new object)
+    handles[1] = a                                      # the same list object, changed in place
+    with pytest.raises(ValueError, match=r"handles must be distinct, got \[0, 0\]"):
+        alloc.append_decode(handles)
+    handles[1] = 9
+    with pytest.raises(ValueError, match="handle 9 is not a live sequence"):
+        alloc.append_decode(handles)
+    alloc.append_decode([a, b])
+    c = alloc.add_sequence()
+    alloc.free(b)
+    with pytest.raises(ValueError, match="handle 1 is not a live sequence"):
+        alloc.append_decode([a, b])
+    alloc.append_decode([a, c])
+    alloc.append_decode(np.array([a, c]))               # the same batch as an array
+    with pytest.raises(TypeError, match="handles must be an int or a 1-D integer array"):
+        alloc.append_decode([0.5, c])
+    assert alloc.seq_lens([a, c]).tolist() == [5, 2]
 
 
 def test_block_tables_into_a_buffer():
