@@ -25,8 +25,8 @@ from .block_manager import BlockAllocator
 MAX_STAGING_BUFFERS = 32
 
 # Ring entries of dropped builders whose last copy had not completed: a buffer freed into CuPy's pinned memory pool
-# could be handed out and written (by another builder, or by CuPy staging a host-to-device copy) while the GPU still
-# reads it. Kept until their copies are done; pruned whenever a ring is dropped or a buffer allocated.
+# could be handed out and written (to another builder, or any other user of the pool) while the GPU still reads it.
+# Kept until their copies are done; pruned whenever a ring is dropped or a buffer allocated.
 _RETIRED: list = []
 
 
