@@ -17,8 +17,9 @@ from .layout import BlockSparseLayout
 HEAD_SIZES = (64, 128)
 #: Sparse block sizes (a 128-row query tile spans 2 or 1 CSR rows; 64-key tiles cover a block in 1 or 2 steps).
 BLOCK_SIZES = (64, 128)
-#: K/V ring depth per head size: stages of 64-key K and V tiles, 16 KB (D 64) / 32 KB (D 128) each; a consumer
-#: warpgroup holds up to two (the pending P V and the current tile), the rest is the producer's prefetch.
+#: K/V ring depth per head size: stages of 64-key K and V tiles, 16 KB (D 64) / 32 KB (D 128) each, beside the
+#: 128-row Q tile (16 / 32 KB); a consumer warpgroup holds up to four (the pending pair's P V and the current pair),
+#: the rest is the producer's prefetch (at least 5: prefill_sm90.cu).
 STAGES = {64: 8, 128: 6}
 #: Query rows per CTA (two consumer warpgroups of 64) and threads per CTA (plus one producer warpgroup).
 BLOCK_M = 128
@@ -40,10 +41,12 @@ SOURCE = _kernels.register(_kernels.KernelSource(
 
 
 def smem_bytes(head_size: int) -> int:
-    """Dynamic shared memory of one CTA (prefill_sm90.cu ``Layout::ALLOC``): the K/V ring, two mbarriers and
-    one (n0, mask) pair per stage, and 1024 bytes to re-align the window to the swizzle pattern."""
+    """Dynamic shared memory of one CTA (prefill_sm90.cu ``Layout::ALLOC``): the Q tile, the K/V ring, two
+    mbarriers and one (n0, mask) pair per stage, the Q mbarrier, and 1024 bytes to re-align the window to the
+    swizzle pattern."""
     stages = STAGES[head_size]
-    return 2 * stages * 64 * head_size * 2 + 2 * stages * 8 + stages * 8 + 1024
+    tile = 64 * head_size * 2
+    return 2 * tile + 2 * stages * tile + 2 * stages * 8 + 8 + stages * 8 + 1024
 
 
 def supports(q, k, layout: BlockSparseLayout) -> bool:

@@ -3,7 +3,7 @@
 // fp32 online softmax in base 2. Same semantics as prefill.cu (queries are the last q_len key positions).
 // q [T_q, H_q, D], k/v [T_k, H_kv, D], out [T_q, H_q, D]: last dim contiguous, token/head strides in elements.
 // Grid: one CTA per (128-row query tile, q head), blockIdx.x = tile_rank * H_q + head; warpgroup 0 loads K/V,
-// warpgroups 1 and 2 each own 64 query rows (Q in registers) and consume every key tile of the stage ring.
+// warpgroups 1 and 2 each own 64 query rows (Q in registers) and consume the ring's key tiles in pairs.
 #include "common.cuh"
 
 namespace cubsattn {
@@ -77,48 +77,56 @@ __device__ __forceinline__ unsigned long long smem_desc(unsigned addr, unsigned 
          ((unsigned long long)(sbo >> 4) << 32) | (1ull << 62);
 }
 
-// d (64x64 fp32, wgmma accumulator layout) += a (64x16, registers) * b (16x64, shared memory descriptor).
-// TRANS_B = 0: b is stored K-major (rows of the 64 n indices hold 16+ contiguous k); 1: N-major.
+// The 32 fp32 accumulator registers of an m64n64 wgmma (per thread).
 #define CUBSATTN_WGMMA_ACC32                                                                                  \
   "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]),   \
       "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]),     \
       "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]),    \
       "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-#define CUBSATTN_WGMMA_M64N64K16(TYPE, TRANS)                                                                   \
+
+// d (64x64 fp32) (+)= a (64x16, K-major shared memory descriptor) * b (16x64, K-major shared memory descriptor):
+// Q K^T with Q and K in shared memory (accumulate = 0 starts a new score tile).
+#define CUBSATTN_WGMMA_M64N64K16_SS(TYPE)                                                                       \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"                                                  \
+               "wgmma.mma_async.sync.aligned.m64n64k16.f32." TYPE "." TYPE " "                               \
+               "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, "  \
+               "%20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, 0, 0;\n}\n"     \
+               : CUBSATTN_WGMMA_ACC32                                                                         \
+               : "l"(a_desc), "l"(b_desc), "r"(accumulate))
+
+// d (64x64 fp32) += a (64x16, registers) * b (16x64, N-major shared memory descriptor): P V per 64-column slab.
+#define CUBSATTN_WGMMA_M64N64K16_RS(TYPE)                                                                       \
   asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"                                                  \
                "wgmma.mma_async.sync.aligned.m64n64k16.f32." TYPE "." TYPE " "                               \
                "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, "  \
                "%20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, {%32, %33, %34, %35}, %36, p, 1, " \
-               "1, " TRANS ";\n}\n"                                                                           \
+               "1, 1;\n}\n"                                                                                   \
                : CUBSATTN_WGMMA_ACC32                                                                         \
                : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(accumulate))
 
-template <typename T, int TRANS_B> struct Wgmma;
-template <> struct Wgmma<__nv_bfloat16, 0> {
-  static __device__ __forceinline__ void run(float (&d)[32], const unsigned (&a)[4], unsigned long long desc,
-                                             int accumulate) {
-    CUBSATTN_WGMMA_M64N64K16("bf16", "0");
+template <typename T> struct Wgmma;
+template <> struct Wgmma<__nv_bfloat16> {
+  static __device__ __forceinline__ void ss(float (&d)[32], unsigned long long a_desc, unsigned long long b_desc,
+                                            int accumulate) {
+    CUBSATTN_WGMMA_M64N64K16_SS("bf16");
+  }
+  static __device__ __forceinline__ void rs(float (&d)[32], const unsigned (&a)[4], unsigned long long desc,
+                                            int accumulate) {
+    CUBSATTN_WGMMA_M64N64K16_RS("bf16");
   }
 };
-template <> struct Wgmma<__nv_bfloat16, 1> {
-  static __device__ __forceinline__ void run(float (&d)[32], const unsigned (&a)[4], unsigned long long desc,
-                                             int accumulate) {
-    CUBSATTN_WGMMA_M64N64K16("bf16", "1");
+template <> struct Wgmma<__half> {
+  static __device__ __forceinline__ void ss(float (&d)[32], unsigned long long a_desc, unsigned long long b_desc,
+                                            int accumulate) {
+    CUBSATTN_WGMMA_M64N64K16_SS("f16");
+  }
+  static __device__ __forceinline__ void rs(float (&d)[32], const unsigned (&a)[4], unsigned long long desc,
+                                            int accumulate) {
+    CUBSATTN_WGMMA_M64N64K16_RS("f16");
   }
 };
-template <> struct Wgmma<__half, 0> {
-  static __device__ __forceinline__ void run(float (&d)[32], const unsigned (&a)[4], unsigned long long desc,
-                                             int accumulate) {
-    CUBSATTN_WGMMA_M64N64K16("f16", "0");
-  }
-};
-template <> struct Wgmma<__half, 1> {
-  static __device__ __forceinline__ void run(float (&d)[32], const unsigned (&a)[4], unsigned long long desc,
-                                             int accumulate) {
-    CUBSATTN_WGMMA_M64N64K16("f16", "1");
-  }
-};
-#undef CUBSATTN_WGMMA_M64N64K16
+#undef CUBSATTN_WGMMA_M64N64K16_SS
+#undef CUBSATTN_WGMMA_M64N64K16_RS
 #undef CUBSATTN_WGMMA_ACC32
 
 // d (64x128 fp32) += a (64x16, registers) * b (16x128, N-major shared memory descriptor): P V for D = 128 in one
@@ -165,18 +173,21 @@ __device__ __forceinline__ float exp2_approx(float x) {
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// Shared memory: STAGES x (K tile, V tile), then per stage a full and an empty mbarrier and the tile's (n0, mask).
-// A tile is [D/64][64 keys][64 elements]: each key row of a 64-column slab is 128 bytes whose 16-byte chunks are
-// XOR-swizzled by (key & 7), the canonical 128B-swizzle layout that wgmma reads as K-major (K in Q K^T) and as
-// N-major (V in P V).
+// Shared memory: the CTA's Q tile (one 64-row tile per consumer warpgroup), STAGES x K tiles, STAGES x V tiles,
+// then per stage a full and an empty mbarrier, the Q barrier, and per stage the tile's (n0, mask).
+// A tile is [D/64][64 rows][64 elements]: each row of a 64-column slab is 128 bytes whose 16-byte chunks are
+// XOR-swizzled by (row & 7), the canonical 128B-swizzle layout that wgmma reads as K-major (Q and K in Q K^T) and
+// as N-major (V in P V).
 
 template <int HEAD_DIM, int STAGES> struct Layout {
   static constexpr int TILE_BYTES = BLOCK_N * HEAD_DIM * 2;
   static constexpr int SLAB_BYTES = BLOCK_N * 128;  // one 64-column slab of a tile
-  static constexpr int K_OFF = 0;
-  static constexpr int V_OFF = STAGES * TILE_BYTES;
-  static constexpr int BAR_OFF = 2 * STAGES * TILE_BYTES;
-  static constexpr int INFO_OFF = BAR_OFF + 2 * STAGES * 8;
+  static constexpr int Q_OFF = 0;
+  static constexpr int K_OFF = 2 * TILE_BYTES;
+  static constexpr int V_OFF = K_OFF + STAGES * TILE_BYTES;
+  static constexpr int BAR_OFF = V_OFF + STAGES * TILE_BYTES;
+  static constexpr int Q_BAR_OFF = BAR_OFF + 2 * STAGES * 8;
+  static constexpr int INFO_OFF = Q_BAR_OFF + 8;
   static constexpr int BYTES = INFO_OFF + STAGES * 8;
   static constexpr int ALLOC = BYTES + 1024;  // the dynamic window is re-aligned to 1024 bytes
 };
@@ -227,13 +238,19 @@ struct KeyWalk {
 };
 
 // ---------------------------------------------------------------------------------------------------------------
-// Producer warpgroup: all 128 threads copy K/V tiles into the ring. A stage is published (full barrier, count 128)
-// one tile late: each thread waits for its own copies of the previous tile, fences them into the async proxy and
-// arrives, so two tiles are in flight per thread. A final stage with n0 = -1 tells the consumers to stop.
+// Producer warpgroup: all 128 threads copy the Q tile, then the K/V tiles into the ring. Each copy batch is
+// published (Q barrier or the stage's full barrier, count 128) one batch late: each thread waits for its own copies
+// of the previous batch, fences them into the async proxy and arrives, so two batches are in flight per thread. A
+// final stage with n0 = -1 tells the consumers to stop.
+//
+// Q rows: tile row r is query position tile_start + r, valid in [pos_lo, pos_hi) (zeros elsewhere), token
+// q_start + position - past.
 
 template <typename T, int HEAD_DIM, int STAGES>
-__device__ __forceinline__ void produce(unsigned char* smem, const T* __restrict__ k, long long k_tok, int k_head,
-                                        const T* __restrict__ v, long long v_tok, int v_head, int k_start,
+__device__ __forceinline__ void produce(unsigned char* smem, const T* __restrict__ q, long long q_tok, int q_head,
+                                        const T* __restrict__ k, long long k_tok, int k_head,
+                                        const T* __restrict__ v, long long v_tok, int v_head, int head,
+                                        int q_start, int past, int tile_start, int pos_lo, int pos_hi, int k_start,
                                         int k_len, int kv_head, KeyWalk walk) {
   using L = Layout<HEAD_DIM, STAGES>;
   constexpr int CHUNKS = HEAD_DIM / 8;       // 16-byte chunks per key row
@@ -251,6 +268,18 @@ __device__ __forceinline__ void produce(unsigned char* smem, const T* __restrict
   const T* v_base = v + (long long)(k_start + r0) * v_tok + (long long)kv_head * v_head + c * 8;
   const long long k_step = ROWS_PER_PASS * k_tok, v_step = ROWS_PER_PASS * v_tok;
 
+  {
+    const T* qp = q + (long long)head * q_head + c * 8;
+#pragma unroll
+    for (int p = 0; p < BLOCK_M / ROWS_PER_PASS; ++p) {
+      const int row = r0 + p * ROWS_PER_PASS, pos = tile_start + row;
+      const bool valid = pos >= pos_lo && pos < pos_hi;
+      const unsigned dst = base + L::Q_OFF + (row / BLOCK_N) * L::TILE_BYTES + off0 + (row % BLOCK_N - r0) * 128;
+      cp_async_16(dst, valid ? qp + (long long)(q_start + pos - past) * q_tok : q, valid);
+    }
+    cp_async_commit();
+  }
+  unsigned published = base + L::Q_BAR_OFF;  // the barrier of the batch in flight before the current one
   int it = 0, n0, mask;
   while (walk.next(n0, mask)) {
     const int stage = it % STAGES;
@@ -280,18 +309,15 @@ __device__ __forceinline__ void produce(unsigned char* smem, const T* __restrict
       }
     }
     cp_async_commit();
-    if (it > 0) {
-      cp_async_wait<1>();
-      fence_proxy_async();
-      mbar_arrive(base + L::BAR_OFF + ((it - 1) % STAGES) * 8);
-    }
+    cp_async_wait<1>();
+    fence_proxy_async();
+    mbar_arrive(published);
+    published = base + L::BAR_OFF + stage * 8;
     ++it;
   }
-  if (it > 0) {
-    cp_async_wait<0>();
-    fence_proxy_async();
-    mbar_arrive(base + L::BAR_OFF + ((it - 1) % STAGES) * 8);
-  }
+  cp_async_wait<0>();
+  fence_proxy_async();
+  mbar_arrive(published);
   const int stage = it % STAGES;
   mbar_wait(base + L::BAR_OFF + (STAGES + stage) * 8, ((it / STAGES) & 1) ^ 1);
   if (ptid == 0) info[stage] = make_int2(-1, 0);
@@ -301,24 +327,32 @@ __device__ __forceinline__ void produce(unsigned char* smem, const T* __restrict
 // ---------------------------------------------------------------------------------------------------------------
 // Consumer warpgroup: 64 query rows at absolute positions row0 .. row0 + 63.
 //
-// Pipelined across key tiles: the Q K^T of tile t is issued together with the P V of the previous tile t', so the
-// softmax of t (CUDA cores, SFU) overlaps the P V of t' (tensor cores). O is rebased to t's row maxima only after
-// that P V has landed, and the stage of t' (its V) is released then; a warpgroup thus holds up to two ring stages.
+// Ring tiles are taken in pairs (tiles 2i and 2i + 1 of the walk): one step computes the 64 x 128 scores of both
+// 64-key tiles, so the per-step costs (row maxima and their shuffles, rebasing O, wgmma waits, barrier turns) are
+// paid once per 128 keys. A pair half outside this warpgroup's CSR row (or after its last query) is released
+// unread, and a step with one live half computes only that half.
+//
+// A step: issue Q K^T; wait for it (and for the previous step's P V); softmax; rebase O; issue this step's P V and
+// leave it running. The tensor cores are kept busy by the other warpgroup (ping-pong, see consume), not by
+// overlapping a warpgroup's own P V with its softmax: that needs a second set of P registers, and with it the
+// consumers spill at 240 registers for D = 128 (writing P in place instead makes ptxas wait for the previous
+// P V before the softmax, which serialises them anyway).
 
 template <typename T, int HEAD_DIM>
-__device__ __forceinline__ void issue_qk(float (&s)[32], const unsigned (&qf)[HEAD_DIM / 16][4], unsigned k_tile) {
+__device__ __forceinline__ void issue_qk(float* s, unsigned long long q_desc, unsigned k_tile) {
   constexpr int SLAB_BYTES = BLOCK_N * 128;
   // The address field is the low 14 bits of the descriptor (bytes >> 4) and never carries (shared memory < 256 KB),
   // so each operand's descriptor is the tile's plus a constant.
-  const unsigned long long desc = smem_desc(k_tile, 16, 1024);
+  const unsigned long long k_desc = smem_desc(k_tile, 16, 1024);
 #pragma unroll
-  for (int kk = 0; kk < HEAD_DIM / 16; ++kk)  // K-major B operand: k-step kk reads 32 bytes further into slab kk / 4
-    Wgmma<T, 0>::run(s, qf[kk], desc + (((kk >> 2) * SLAB_BYTES + (kk & 3) * 32) >> 4), kk > 0);
+  for (int kk = 0; kk < HEAD_DIM / 16; ++kk) {  // K-major operands: k-step kk reads 32 bytes further into slab kk / 4
+    const unsigned step = ((kk >> 2) * SLAB_BYTES + (kk & 3) * 32) >> 4;
+    Wgmma<T>::ss(*reinterpret_cast<float(*)[32]>(s), q_desc + step, k_desc + step, kk > 0);
+  }
 }
 
 template <typename T, int HEAD_DIM>
-__device__ __forceinline__ void issue_pv(float (&acc)[HEAD_DIM / 64][32], const unsigned (&pf)[4][4],
-                                         unsigned v_tile) {
+__device__ __forceinline__ void issue_pv(float (&acc)[HEAD_DIM / 64][32], const unsigned (*pf)[4], unsigned v_tile) {
   constexpr int SLAB_BYTES = BLOCK_N * 128;
   // N-major V (leading byte offset = slab stride, stride byte offset = 8 keys): D = 128 in one n128 wgmma per 16
   // keys (acc[0..1] are consecutive registers, the n128 accumulator layout); other D one n64 wgmma per slab.
@@ -332,76 +366,90 @@ __device__ __forceinline__ void issue_pv(float (&acc)[HEAD_DIM / 64][32], const 
     for (int b = 0; b < HEAD_DIM / 64; ++b)
 #pragma unroll
       for (int kk = 0; kk < 4; ++kk)
-        Wgmma<T, 1>::run(acc[b], pf[kk], desc + ((b * SLAB_BYTES + kk * 16 * 128) >> 4), 1);
+        Wgmma<T>::rs(acc[b], pf[kk], desc + ((b * SLAB_BYTES + kk * 16 * 128) >> 4), 1);
   }
 }
 
-// One key tile of a consumer warpgroup: S = Q K^T (issued with the pending tile's P V when PIPELINED), causal mask,
-// online softmax, O rebased to the new row maxima, and P of this tile in pf. first_row: the warp's first query row.
-template <typename T, int HEAD_DIM, int STAGES, bool PIPELINED>
-__device__ __forceinline__ void attend(float (&acc)[HEAD_DIM / 64][32], unsigned (&pf)[4][4],
-                                       const unsigned (&qf)[HEAD_DIM / 16][4], float (&row_max)[2],
-                                       float (&row_sum)[2], const int (&pos)[2], unsigned base, int stage, int n0,
-                                       int pending, int first_row, int tq, float scale_log2, int other_bar) {
+// A step's live tiles: their ring stages and first key positions (count 0, 1 or 2; tile 0 first). Scalars, not
+// arrays, so that nothing is indexed at run time (that would put the struct on the stack).
+struct Step {
+  int count, stage0, stage1, n00, n01;
+};
+
+// Releases a step's stages to the producer once its P V has landed.
+__device__ __forceinline__ void release(unsigned empty_bar, const Step& step) {
+  if (step.count > 0) mbar_arrive(empty_bar + step.stage0 * 8);
+  if (step.count > 1) mbar_arrive(empty_bar + step.stage1 * 8);
+}
+
+// One step of NT live tiles (see above). pending: the previous step, whose P V is in flight. first_row: the warp's
+// first query row.
+template <typename T, int HEAD_DIM, int STAGES, int NT>
+__device__ __forceinline__ void attend(float (&acc)[HEAD_DIM / 64][32], unsigned long long q_desc,
+                                       float (&row_max)[2], float (&row_sum)[2], const int (&pos)[2],
+                                       unsigned base, const Step& step, const Step& pending, int first_row, int tq,
+                                       float scale_log2, int other_bar) {
   using L = Layout<HEAD_DIM, STAGES>;
   constexpr int DB = HEAD_DIM / 64;
-  const unsigned empty_bar = base + L::BAR_OFF + STAGES * 8;
-  float s[32];
+  constexpr int NS = 32 * NT;  // scores per thread: rows g and g + 8, 8 column pairs per tile
+  const int n0[2] = {step.n00, step.n01};
+  float s[NS];
   wgmma_fence();
-  issue_qk<T, HEAD_DIM>(s, qf, base + L::K_OFF + stage * L::TILE_BYTES);
+  issue_qk<T, HEAD_DIM>(s, q_desc, base + L::K_OFF + step.stage0 * L::TILE_BYTES);
+  if constexpr (NT == 2) issue_qk<T, HEAD_DIM>(s + 32, q_desc, base + L::K_OFF + step.stage1 * L::TILE_BYTES);
   wgmma_commit();
-  if constexpr (PIPELINED) {
-    issue_pv<T, HEAD_DIM>(acc, pf, base + L::V_OFF + pending * L::TILE_BYTES);
-    wgmma_commit();
-  }
   named_bar_arrive(other_bar);  // the other warpgroup's turn to issue (its softmax ran meanwhile)
-  if constexpr (PIPELINED) {
-    wgmma_wait<1>();  // Q K^T done; the P V may still run
-  } else {
-    wgmma_wait<0>();
-  }
+  wgmma_wait<0>();
+  release(base + L::BAR_OFF + STAGES * 8, pending);
 
   // Causal mask where a key can follow a row (the diagonal block and keys past the sequence, which are > every
   // query position). Scores stay unscaled: scale_log2 > 0 keeps -inf and the row maximum.
-  if (n0 + BLOCK_N - 1 > first_row) {
 #pragma unroll
-    for (int j = 0; j < 8; ++j)
+  for (int h = 0; h < NT; ++h) {
+    if (n0[h] + BLOCK_N - 1 > first_row) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e)
-        if (n0 + j * 8 + 2 * tq + (e & 1) > pos[e >> 1]) s[j * 4 + e] = NEG_INF;
+      for (int j = 0; j < 8; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+          if (n0[h] + j * 8 + 2 * tq + (e & 1) > pos[e >> 1]) s[32 * h + j * 4 + e] = NEG_INF;
+    }
   }
 
   // Online softmax in base 2: p = 2^(s * scale_log2 - max * scale_log2), one FFMA and one EX2 per score; the
-  // 4 lanes of a quad share a row.
+  // 4 lanes of a quad share a row. Max and sum as trees, not chains (the dependent latency is exposed otherwise).
   float scale_old[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    // Max and sum as trees, not chains: with two consumer warps per scheduler the dependent latency is exposed.
-    float m[8];
+    float m[4 * NT];
 #pragma unroll
-    for (int j = 0; j < 8; ++j) m[j] = fmaxf(s[j * 4 + 2 * r], s[j * 4 + 2 * r + 1]);
-    float mx = fmaxf(fmaxf(fmaxf(m[0], m[1]), fmaxf(m[2], m[3])), fmaxf(fmaxf(m[4], m[5]), fmaxf(m[6], m[7])));
-    mx = fmaxf(mx, row_max[r]);
+    for (int j = 0; j < 4 * NT; ++j)
+      m[j] = fmaxf(fmaxf(s[j * 8 + 2 * r], s[j * 8 + 2 * r + 1]), fmaxf(s[j * 8 + 4 + 2 * r], s[j * 8 + 5 + 2 * r]));
+#pragma unroll
+    for (int w = 2 * NT; w >= 1; w /= 2)
+#pragma unroll
+      for (int j = 0; j < w; ++j) m[j] = fmaxf(m[j], m[j + w]);
+    float mx = fmaxf(m[0], row_max[r]);
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
     const float base_r = mx == NEG_INF ? 0.f : mx * scale_log2;  // no key yet: keep everything finite
     scale_old[r] = exp2_approx(row_max[r] * scale_log2 - base_r);
     row_max[r] = mx;
 #pragma unroll
-    for (int j = 0; j < 8; ++j) {
-      s[j * 4 + 2 * r] = exp2_approx(fmaf(s[j * 4 + 2 * r], scale_log2, -base_r));
-      s[j * 4 + 2 * r + 1] = exp2_approx(fmaf(s[j * 4 + 2 * r + 1], scale_log2, -base_r));
-      m[j] = s[j * 4 + 2 * r] + s[j * 4 + 2 * r + 1];
+    for (int j = 0; j < 4 * NT; ++j) {
+      float* p = s + j * 8 + 2 * r;
+      p[0] = exp2_approx(fmaf(p[0], scale_log2, -base_r));
+      p[1] = exp2_approx(fmaf(p[1], scale_log2, -base_r));
+      p[4] = exp2_approx(fmaf(p[4], scale_log2, -base_r));
+      p[5] = exp2_approx(fmaf(p[5], scale_log2, -base_r));
+      m[j] = (p[0] + p[1]) + (p[4] + p[5]);
     }
-    const float sum = ((m[0] + m[1]) + (m[2] + m[3])) + ((m[4] + m[5]) + (m[6] + m[7]));
-    row_sum[r] = row_sum[r] * scale_old[r] + sum;  // per-lane partial; quad-reduced at the end
+#pragma unroll
+    for (int w = 2 * NT; w >= 1; w /= 2)
+#pragma unroll
+      for (int j = 0; j < w; ++j) m[j] += m[j + w];
+    row_sum[r] = row_sum[r] * scale_old[r] + m[0];  // per-lane partial; quad-reduced at the end
   }
 
-  // The previous tile's P V has to land before O is rebased to the new maxima; then its stage is free.
-  if constexpr (PIPELINED) {
-    wgmma_wait<0>();
-    mbar_arrive(empty_bar + pending * 8);
-  }
 #pragma unroll
   for (int b = 0; b < DB; ++b)
 #pragma unroll
@@ -411,36 +459,38 @@ __device__ __forceinline__ void attend(float (&acc)[HEAD_DIM / 64][32], unsigned
       acc[b][j * 4 + 2] *= scale_old[1];
       acc[b][j * 4 + 3] *= scale_old[1];
     }
-  // The probabilities, rounded to T, become the register A operand of this tile's P V (the accumulator layout of
-  // two adjacent 8-key column groups is the A layout of one 16-key step).
+  // The probabilities, rounded to T, are the register A operand of this step's P V (the accumulator layout of two
+  // adjacent 8-key column groups is the A layout of one 16-key step).
+  unsigned pf[4 * NT][4];
 #pragma unroll
-  for (int kk = 0; kk < 4; ++kk) {
+  for (int kk = 0; kk < 4 * NT; ++kk) {
     pf[kk][0] = pack2<T>(s[8 * kk + 0], s[8 * kk + 1]);
     pf[kk][1] = pack2<T>(s[8 * kk + 2], s[8 * kk + 3]);
     pf[kk][2] = pack2<T>(s[8 * kk + 4], s[8 * kk + 5]);
     pf[kk][3] = pack2<T>(s[8 * kk + 6], s[8 * kk + 7]);
   }
-}
-
-// The pending tile's P V on its own (nothing left to overlap it with), then its stage is released.
-template <typename T, int HEAD_DIM, int STAGES>
-__device__ __forceinline__ void finish_pv(float (&acc)[HEAD_DIM / 64][32], const unsigned (&pf)[4][4], unsigned base,
-                                          int pending) {
-  using L = Layout<HEAD_DIM, STAGES>;
   wgmma_fence();
-  issue_pv<T, HEAD_DIM>(acc, pf, base + L::V_OFF + pending * L::TILE_BYTES);
+  issue_pv<T, HEAD_DIM>(acc, pf, base + L::V_OFF + step.stage0 * L::TILE_BYTES);
+  if constexpr (NT == 2) issue_pv<T, HEAD_DIM>(acc, pf + 4, base + L::V_OFF + step.stage1 * L::TILE_BYTES);
   wgmma_commit();
-  wgmma_wait<0>();
-  mbar_arrive(base + L::BAR_OFF + (STAGES + pending) * 8);
 }
 
+// Position in the stage ring (both consumer warpgroups read every stage in order).
+template <int STAGES> struct RingCursor {
+  int stage = 0, phase = 0;
+  __device__ __forceinline__ void advance() {
+    if (++stage == STAGES) {
+      stage = 0;
+      phase ^= 1;
+    }
+  }
+};
+
 template <typename T, int HEAD_DIM, int STAGES>
-__device__ __forceinline__ void consume(unsigned char* smem, const T* __restrict__ q, long long q_tok,
-                                        int q_head, T* __restrict__ out, long long o_tok, int o_head, int head,
-                                        int q_start, int past, int row0, int pos_lo, int pos_hi, int row_bit,
-                                        float scale_log2, int consumer) {
+__device__ __forceinline__ void consume(unsigned char* smem, T* __restrict__ out, long long o_tok, int o_head,
+                                        int head, int q_start, int past, int row0, int pos_lo, int pos_hi,
+                                        int row_bit, float scale_log2, int consumer) {
   using L = Layout<HEAD_DIM, STAGES>;
-  constexpr int KT = HEAD_DIM / 16;  // k-steps of Q K^T
   constexpr int DB = HEAD_DIM / 64;  // 64-column output slabs
   const int tid = threadIdx.x & 127, warp = tid >> 5, lane = tid & 31;
   const int g = lane >> 2, tq = lane & 3;
@@ -457,24 +507,11 @@ __device__ __forceinline__ void consume(unsigned char* smem, const T* __restrict
     valid[r] = pos[r] >= pos_lo && pos[r] < pos_hi;
   }
   const int wg_lo = max(row0, pos_lo), wg_hi = min(row0 + 64, pos_hi);  // valid rows of this warpgroup
+  const int first_row = row0 + warp * 16;
 
-  // Q fragments straight from global memory into the wgmma A-operand register layout (rows g / g + 8, columns
-  // 2 tq + {0, 1} and + 8): each Q element is read once per CTA, so no shared-memory staging.
-  unsigned qf[KT][4];
-  {
-    const T* qrow[2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r)
-      qrow[r] = q + (long long)(q_start + (valid[r] ? pos[r] - past : 0)) * q_tok + (long long)head * q_head;
-#pragma unroll
-    for (int kk = 0; kk < KT; ++kk) {
-      const int c = kk * 16 + 2 * tq;
-      qf[kk][0] = valid[0] ? *reinterpret_cast<const unsigned*>(qrow[0] + c) : 0u;
-      qf[kk][1] = valid[1] ? *reinterpret_cast<const unsigned*>(qrow[1] + c) : 0u;
-      qf[kk][2] = valid[0] ? *reinterpret_cast<const unsigned*>(qrow[0] + c + 8) : 0u;
-      qf[kk][3] = valid[1] ? *reinterpret_cast<const unsigned*>(qrow[1] + c + 8) : 0u;
-    }
-  }
+  // Q K^T reads this warpgroup's Q tile from shared memory (the producer's first batch).
+  const unsigned long long q_desc = smem_desc(base + L::Q_OFF + consumer * L::TILE_BYTES, 16, 1024);
+  mbar_wait(base + L::Q_BAR_OFF, 0);
 
   float acc[DB][32];
 #pragma unroll
@@ -482,43 +519,68 @@ __device__ __forceinline__ void consume(unsigned char* smem, const T* __restrict
 #pragma unroll
     for (int i = 0; i < 32; ++i) acc[b][i] = 0.f;
   float row_max[2] = {NEG_INF, NEG_INF}, row_sum[2] = {0.f, 0.f};
-  unsigned pf[4][4];  // P of the pending tile (rounded to T), the A operand of its P V
 
-  // Walk the ring. A tile outside this warpgroup's CSR row, entirely after its last query, or any tile when the
-  // warpgroup has no queries, is released untouched. A pending P V is finished before such a skip: a warpgroup
-  // never holds a stage while passing over others, or the producer could wait for that stage while the warpgroup
-  // waits for a tile behind it (a long run of tiles only the other warpgroup attends to).
+  // Walk the ring two tiles at a time. The previous step's P V is waited for before a step with nothing live: a
+  // warpgroup never holds stages while passing over others, or the producer could wait for such a stage while the
+  // warpgroup waits for a tile behind it (a long run of tiles only the other warpgroup attends to).
   //
-  // Ping-pong: the two warpgroups take turns issuing their tile's wgmmas (named barriers 1 and 2), so one's softmax
-  // runs while the other's matrix products occupy the tensor cores. Both see every ring tile, skipped or not, so
-  // their turns pair up; warpgroup 0 goes first and takes warpgroup 1's last hand-over after the loop.
+  // Ping-pong: the two warpgroups take turns issuing their Q K^T (named barriers 1 and 2), so one's softmax runs
+  // while the other's matrix products occupy the tensor cores. Both pair the ring tiles the same way and take one
+  // turn per pair, live or not, so their turns pair up; warpgroup 0 goes first and takes warpgroup 1's last
+  // hand-over after the loop.
   const int my_bar = 1 + consumer, other_bar = 2 - consumer;
   if (consumer == 1) named_bar_arrive(other_bar);
-  int pending = -1;  // ring stage of the tile whose P V is still to do
-  for (int stage = 0, phase = 0;; phase ^= stage == STAGES - 1, stage = stage == STAGES - 1 ? 0 : stage + 1) {
-    mbar_wait(full_bar + stage * 8, phase);
-    const int2 tile = info[stage];
-    if (tile.x < 0) break;
-    named_bar_sync(my_bar);
-    if (!(((tile.y >> row_bit) & 1) && wg_lo < wg_hi && tile.x < wg_hi)) {
-      if (pending >= 0) {
-        finish_pv<T, HEAD_DIM, STAGES>(acc, pf, base, pending);
-        pending = -1;
+  Step pending = {0, 0, 0, 0, 0};
+  RingCursor<STAGES> ring;
+  bool more = true;
+  while (more) {
+    // The next pair of ring tiles (one when the walk ends after the first), each live or not here.
+    int stage[2], n0[2];
+    bool live[2];
+    int taken = 0;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      mbar_wait(full_bar + ring.stage * 8, ring.phase);
+      const int2 tile = info[ring.stage];
+      if (tile.x < 0) {  // end of the walk (the end stage itself is never released: nothing follows it)
+        more = false;
+        break;
       }
+      stage[h] = ring.stage;
+      n0[h] = tile.x;
+      live[h] = ((tile.y >> row_bit) & 1) && wg_lo < wg_hi && tile.x < wg_hi;
+      ++taken;
+      ring.advance();
+    }
+    if (taken == 0) break;
+    const bool live0 = live[0], live1 = taken == 2 && live[1];
+    if (!live0) mbar_arrive(empty_bar + stage[0] * 8);  // not needed here: released unread
+    if (taken == 2 && !live1) mbar_arrive(empty_bar + stage[1] * 8);
+    Step step;
+    step.count = int(live0) + int(live1);
+    step.stage0 = live0 ? stage[0] : stage[1];
+    step.n00 = live0 ? n0[0] : n0[1];
+    step.stage1 = stage[1];
+    step.n01 = n0[1];
+    named_bar_sync(my_bar);
+    if (step.count == 0) {
+      wgmma_wait<0>();
+      release(empty_bar, pending);
+      pending.count = 0;
       named_bar_arrive(other_bar);
-      mbar_arrive(empty_bar + stage * 8);
       continue;
     }
-    if (pending >= 0)
-      attend<T, HEAD_DIM, STAGES, true>(acc, pf, qf, row_max, row_sum, pos, base, stage, tile.x, pending,
-                                        row0 + warp * 16, tq, scale_log2, other_bar);
+    if (step.count == 2)
+      attend<T, HEAD_DIM, STAGES, 2>(acc, q_desc, row_max, row_sum, pos, base, step, pending, first_row, tq,
+                                     scale_log2, other_bar);
     else
-      attend<T, HEAD_DIM, STAGES, false>(acc, pf, qf, row_max, row_sum, pos, base, stage, tile.x, -1,
-                                         row0 + warp * 16, tq, scale_log2, other_bar);
-    pending = stage;
+      attend<T, HEAD_DIM, STAGES, 1>(acc, q_desc, row_max, row_sum, pos, base, step, pending, first_row, tq,
+                                     scale_log2, other_bar);
+    pending = step;
   }
   if (consumer == 0) named_bar_sync(my_bar);
-  if (pending >= 0) finish_pv<T, HEAD_DIM, STAGES>(acc, pf, base, pending);
+  wgmma_wait<0>();
+  release(empty_bar, pending);
 
   // Epilogue: normalise and store each row's column pairs (an empty CSR row outputs zeros).
   float inv[2];
@@ -561,6 +623,9 @@ __global__ void __launch_bounds__(cubsattn::sm90::THREADS, 1) blocksparse_prefil
     int num_heads, int group, int num_blocks, int nnz_stride, int block_size, float scale_log2) {
   using namespace cubsattn::sm90;
   using L = Layout<HEAD_DIM, STAGES>;
+  // A warpgroup holds a pending pair while it waits for the next pair, and the producer publishes a tile only once
+  // the next one is under way: fewer than 5 stages can deadlock.
+  static_assert(STAGES >= 5, "the paired consumers need at least 5 ring stages");
   static_assert(HEAD_DIM % 64 == 0, "HEAD_DIM must be a multiple of 64 (128-byte swizzle slabs)");
   extern __shared__ unsigned char smem_raw[];
   unsigned char* smem = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
@@ -579,14 +644,15 @@ __global__ void __launch_bounds__(cubsattn::sm90::THREADS, 1) blocksparse_prefil
       mbar_init(bars + s * 8, 128);                        // full: every producer thread
       mbar_init(bars + (STAGES + s) * 8, 32 * CONSUMER_WARPS);  // empty: every consumer thread
     }
+    mbar_init(smem_addr(smem + L::Q_BAR_OFF), 128);  // Q tile: every producer thread
   }
   __syncthreads();
 
-  // Registers: 384 threads start with 168 each; the producer needs few, the pipelined consumers (O, two score
-  // tiles' worth of S and P, Q fragments) more: 128 x 56 + 256 x 224 = 384 x 168.
+  // Registers: 384 threads start with 168 each; the producer needs few, the pipelined consumers (O, a pair's
+  // scores and the pending pair's P) more: 128 x 40 + 256 x 232 = 384 x 168.
   const int wg = threadIdx.x / 128;
   if (wg == 0) {
-    asm volatile("setmaxnreg.dec.sync.aligned.u32 56;\n" ::: "memory");
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
     KeyWalk walk;
     walk.cols = indices + (long long)head * nnz_stride;
     walk.subs = block_size > BLOCK_N ? block_size / BLOCK_N : 1;
@@ -611,12 +677,13 @@ __global__ void __launch_bounds__(cubsattn::sm90::THREADS, 1) blocksparse_prefil
       walk.end1 = row_ptr[qb + 1];
       walk.col1 = walk.ptr1 < walk.end1 ? walk.cols[walk.ptr1] : KeyWalk::NONE;
     }
-    produce<T, HEAD_DIM, STAGES>(smem, k, k_tok, k_head, v, v_tok, v_head, k_start, k_len, head / group, walk);
+    produce<T, HEAD_DIM, STAGES>(smem, q, q_tok, q_head, k, k_tok, k_head, v, v_tok, v_head, head, q_start, past,
+                                 tile_start, pos_lo, pos_hi, k_start, k_len, head / group, walk);
   } else {
-    asm volatile("setmaxnreg.inc.sync.aligned.u32 224;\n" ::: "memory");
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
     const int c = wg - 1;
     const int row_bit = block_size == 64 ? c : 0;  // the CSR row of this warpgroup's 64 rows
-    consume<T, HEAD_DIM, STAGES>(smem, q, q_tok, q_head, out, o_tok, o_head, head, q_start, past,
-                                 tile_start + 64 * c, pos_lo, pos_hi, row_bit, scale_log2, c);
+    consume<T, HEAD_DIM, STAGES>(smem, out, o_tok, o_head, head, q_start, past, tile_start + 64 * c, pos_lo, pos_hi,
+                                 row_bit, scale_log2, c);
   }
 }
