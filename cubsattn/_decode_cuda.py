@@ -1,8 +1,9 @@
 """Launchers for cuda_src/decode.cu: block-sparse paged decode, its split-KV heuristic and workspace cache.
 
 The caller (``cubsattn.decode.forward_decode``) has validated every argument; this module only picks the split count,
-finds or allocates the split workspace and launches. Nothing here synchronises with the host, and once a workspace of
-a given shape exists nothing allocates, so the launches can be captured in a CUDA graph.
+finds or allocates the split workspace and launches (one kernel; with splits, its last CTA per sequence and kv head
+merges them). Nothing here synchronises with the host, and once a workspace of a given shape exists nothing
+allocates, so the launches can be captured in a CUDA graph.
 """
 
 from __future__ import annotations
@@ -39,6 +40,14 @@ MAX_SPLIT_BLOCKS = 512
 TARGET_CTAS_PER_SM = 2
 MIN_SPLIT_TOKENS = 1024
 
+#: decode.cu's ``DecodeParams``, field for field (int32 / float32 only, so there is no padding): the kernels' scalar
+#: arguments, passed by value as one NumPy structured scalar.
+PARAMS_DTYPE = np.dtype([
+    ("q_stride_s", np.int32), ("q_stride_h", np.int32), ("num_blocks", np.int32), ("max_blocks", np.int32),
+    ("bt_stride", np.int32), ("max_seq_len", np.int32), ("log2_bs", np.int32), ("num_kv_heads", np.int32),
+    ("group", np.int32), ("qk_scale_log2", np.float32), ("v_scale", np.float32), ("tp_rank", np.int32),
+    ("local_blocks", np.int32), ("vert_stride", np.int32), ("sparse_block", np.int32), ("sliding_step", np.int32),
+    ("chunk_blocks", np.int32)])
 
 
 def _kernel_name(ctype: str, head_size: int, fp8: bool, group_width: int, bulk: bool) -> str:
@@ -51,10 +60,6 @@ def _kernel_name(ctype: str, head_size: int, fp8: bool, group_width: int, bulk: 
     return f"cubsattn::decode::paged_decode_mma<{ctype}, {head_size}>"
 
 
-def _combine_name(ctype: str) -> str:
-    return f"cubsattn::decode::paged_decode_combine<{ctype}>"
-
-
 def _name_expressions() -> tuple[str, ...]:
     names = []
     for ctype in _kernels.CTYPE.values():
@@ -62,7 +67,6 @@ def _name_expressions() -> tuple[str, ...]:
             names.append(_kernel_name(ctype, d, False, 8, False))
             names.append(_kernel_name(ctype, d, False, 8, True))
             names.extend(_kernel_name(ctype, d, True, g, False) for g in GROUP_WIDTHS)
-        names.append(_combine_name(ctype))
     return tuple(names)
 
 
@@ -140,45 +144,33 @@ def _configured_kernel(ctype: str, head_size: int, fp8: bool, width: int, bulk: 
 
 
 def _workspace(num_seqs: int, num_heads: int, num_splits: int, head_size: int):
-    """Split partials ``(part_o float32 [S, Hq, splits, D], part_ml float32 [S, Hq, splits, 2])``, allocated once per
-    (device, shape) and reused by every later call, so that a captured CUDA graph keeps pointing at live memory."""
+    """Split partials ``(part_o float32 [S, Hq, splits, D], part_ml float32 [S, Hq, splits, 2], counters int32
+    [S * Hq])``, allocated once per (device, shape) and reused by every later call, so that a captured CUDA graph keeps
+    pointing at live memory. ``counters`` (one split ticket per sequence and kv head, at most Hq of them) start at
+    zero and every launch leaves them at zero: the CTA that takes a row's last ticket resets it."""
     import cupy
 
     key = (cupy.cuda.Device().id, num_seqs, num_heads, num_splits, head_size)
     ws = _WORKSPACES.get(key)
     if ws is None:
         ws = (cupy.empty((num_seqs, num_heads, num_splits, head_size), dtype=cupy.float32),
-              cupy.empty((num_seqs, num_heads, num_splits, 2), dtype=cupy.float32))
+              cupy.empty((num_seqs, num_heads, num_splits, 2), dtype=cupy.float32),
+              cupy.zeros((num_seqs * num_heads,), dtype=cupy.int32))
         _WORKSPACES[key] = ws
     return ws
-
-
-def paged_decode(query, key_cache, value_cache, block_tables, seq_lens, out, *, max_seq_len: int, context_len: int,
-                 fp8: bool, scale: float, k_scale: float, v_scale: float, tp_rank: int, local_blocks: int,
-                 vert_stride: int, sparse_block: int, sliding_step: int, num_splits: int | None) -> None:
-    """Launch the decode kernel (and the combine kernel when split) on the current stream.
-
-    ``block_tables`` int32 ``[S, max_blocks]`` (unit column stride) and ``seq_lens`` int32 ``[S]`` are device arrays;
-    ``context_len`` bounds every sequence (the longest host seq_len, or ``max_seq_len``) and sizes the splits;
-    ``out`` is a contiguous ``[S, Hq, D]`` array of the query dtype.
-    """
-    if query.shape[0] == 0:
-        return
-    launch_plan(plan_of(query, key_cache, block_tables, max_seq_len=max_seq_len, context_len=context_len, fp8=fp8,
-                        scale=scale, k_scale=k_scale, v_scale=v_scale, tp_rank=tp_rank, local_blocks=local_blocks,
-                        vert_stride=vert_stride, sparse_block=sparse_block, sliding_step=sliding_step,
-                        num_splits=num_splits),
-                query, key_cache, value_cache, block_tables, seq_lens, out)
 
 
 def plan_of(query, key_cache, block_tables, *, max_seq_len: int, context_len: int, fp8: bool, scale: float,
             k_scale: float, v_scale: float, tp_rank: int, local_blocks: int, vert_stride: int, sparse_block: int,
             sliding_step: int, num_splits: int | None) -> tuple:
-    """The launch plan of :func:`paged_decode` for arrays of these shapes and strides on the current device (cached).
+    """The launch plan of the decode kernel for arrays of these shapes and strides on the current device (cached).
 
-    Everything but the array pointers is in the plan: building the split count, the kernel handle and ~20 NumPy
-    scalars on every call cost more host time than a small decode step takes on the GPU. A caller that keeps the
-    plan for a fixed signature (the backend's decode fast path) launches it with :func:`launch_plan` directly.
+    ``query`` ``[S, Hq, D]`` with S >= 1 (a grid needs one CTA row per sequence), ``block_tables`` int32
+    ``[S, max_blocks]`` with a unit column stride; ``context_len`` bounds every sequence (the longest host seq_len, or
+    ``max_seq_len``) and sizes the splits. Everything but the array pointers is in the plan: building the split count, the kernel handle and the scalar
+    arguments on every call cost more host time than a small decode step takes on the GPU. A caller that keeps the
+    plan for a fixed signature (the backend's decode fast path, ``forward_decode``'s validated calls) launches it
+    with :func:`launch_plan` directly.
     """
     import cupy
 
@@ -195,14 +187,13 @@ def plan_of(query, key_cache, block_tables, *, max_seq_len: int, context_len: in
 
 
 def launch_plan(plan: tuple, query, key_cache, value_cache, block_tables, seq_lens, out) -> None:
-    """Launch ``plan`` (from :func:`plan_of`, same shapes, strides and device) on these arrays' contents."""
-    kernel, grid, block, smem, scalars, workspace, combine = plan
-    part_o, part_ml = workspace if workspace is not None else (out, out)  # one split: the kernel writes `out` only
-    kernel(grid, block, (out, part_o, part_ml, query, key_cache, value_cache, block_tables, seq_lens, *scalars),
+    """Launch ``plan`` (from :func:`plan_of`, same shapes, strides and device) on these arrays' contents, on the
+    current stream: ``seq_lens`` int32 ``[S]`` (device), ``out`` a contiguous ``[S, Hq, D]`` array of the query
+    dtype."""
+    kernel, grid, block, smem, params, workspace = plan
+    part_o, part_ml, counters = workspace or (out, out, out)  # one split: the kernel writes `out` only
+    kernel(grid, block, (out, part_o, part_ml, counters, query, key_cache, value_cache, block_tables, seq_lens, params),
            shared_mem=smem)
-    if combine is not None:
-        fn, cgrid, cargs, csmem = combine
-        fn(cgrid, (THREADS,), (out, part_o, part_ml, *cargs), shared_mem=csmem)
 
 
 _PLANS: dict[tuple, tuple] = {}
@@ -210,7 +201,7 @@ _PLANS: dict[tuple, tuple] = {}
 
 def _plan(query, key_cache, block_tables, *, max_seq_len, context_len, fp8, scale, k_scale, v_scale, tp_rank,
           local_blocks, vert_stride, sparse_block, sliding_step, num_splits):
-    """``(kernel, grid, block, shared bytes, scalar arguments, workspace or None, combine launch or None)``."""
+    """``(kernel, grid, block, shared bytes, DecodeParams scalar, workspace or None)``."""
     num_seqs, num_heads, head_size = query.shape
     num_blocks, num_kv_heads, _, block_size = key_cache.shape[:4]
     group = num_heads // num_kv_heads
@@ -223,16 +214,10 @@ def _plan(query, key_cache, block_tables, *, max_seq_len, context_len, fp8, scal
     bulk = not fp8 and _compute_capability() >= BULK_MIN_CC
     kernel, smem = _configured_kernel(ctype, head_size, fp8, width, bulk)
     item = query.dtype.itemsize
-    scalars = (np.int32(query.strides[0] // item), np.int32(query.strides[1] // item), np.int32(num_blocks),
-               np.int32(block_tables.shape[1]), np.int32(block_tables.strides[0] // 4), np.int32(max_seq_len),
-               np.int32(block_size.bit_length() - 1), np.int32(num_kv_heads), np.int32(group),
-               np.float32(scale * k_scale * math.log2(math.e)), np.float32(v_scale), np.int32(tp_rank),
-               np.int32(local_blocks), np.int32(vert_stride), np.int32(sparse_block), np.int32(sliding_step),
-               np.int32(chunk_blocks))
-    workspace = combine = None
-    if num_splits > 1:
-        workspace = _workspace(num_seqs, num_heads, num_splits, head_size)
-        combine = (_kernels.get_function(SOURCE.filename, _combine_name(ctype)), (num_heads, num_seqs),
-                   (np.int32(num_splits), np.int32(head_size)), 4 * num_splits)
-    return (kernel, (num_splits, num_kv_heads, num_seqs), (BULK_THREADS if bulk else THREADS,), smem, scalars,
-            workspace, combine)
+    params = np.array((query.strides[0] // item, query.strides[1] // item, num_blocks, block_tables.shape[1],
+                       block_tables.strides[0] // 4, max_seq_len, block_size.bit_length() - 1, num_kv_heads, group,
+                       scale * k_scale * math.log2(math.e), v_scale, tp_rank, local_blocks, vert_stride, sparse_block,
+                       sliding_step, chunk_blocks), dtype=PARAMS_DTYPE)[()]
+    workspace = _workspace(num_seqs, num_heads, num_splits, head_size) if num_splits > 1 else None
+    return (kernel, (num_splits, num_kv_heads, num_seqs), (BULK_THREADS if bulk else THREADS,), smem, params,
+            workspace)

@@ -4,8 +4,8 @@
 // Grid (num_splits, Hkv, S) x 128 threads (160 for paged_decode_bulk): one CTA computes all Hq/Hkv query heads of one
 // kv head over one split (a range of logical cache blocks), reading each block that any of those heads needs once.
 // 16-bit caches: paged_decode_bulk (tensor cores fed by bulk copies, sm_90) or paged_decode_mma (tensor cores fed by
-// cp.async, sm_80); fp8 caches: paged_decode (CUDA cores). paged_decode_combine (grid (Hq, S)) merges the splits'
-// partial outputs when num_splits > 1; with one split a CTA writes `out` directly.
+// cp.async, sm_80); fp8 caches: paged_decode (CUDA cores). With num_splits > 1 the last CTA of each (sequence, kv head)
+// to finish merges the splits' partial outputs (combine_splits_if_last); with one split a CTA writes `out` directly.
 #include "common.cuh"
 #include "layout.cuh"
 
@@ -19,6 +19,25 @@ constexpr int kStageTokens = 32;
 // Logical cache blocks one CTA may cover (its compacted block list lives in shared memory). The host heuristic
 // (cubsattn/_decode_cuda.py, MAX_SPLIT_BLOCKS) never asks for more.
 constexpr int kMaxSplitBlocks = 512;
+
+// Every scalar argument of the attention kernels, passed by value as one struct (the launcher's NumPy structured
+// scalar _decode_cuda.PARAMS_DTYPE mirrors it field for field): one kernel argument instead of 17 saves ~2 us of
+// host time per launch, which a decode step of a few hundred microseconds measures.
+struct DecodeParams {
+  int q_stride_s, q_stride_h;  // query strides (elements) of the sequence and head axes
+  int num_blocks;              // physical cache blocks; block ids outside [0, num_blocks) are skipped
+  int max_blocks, bt_stride;   // block table width and row stride (elements)
+  int max_seq_len;             // device seq_lens are clamped to it
+  int log2_bs;                 // log2 of the cache block size (3, 4 or 5)
+  int num_kv_heads, group;     // kv heads; query heads per kv head
+  float qk_scale_log2;         // scale * k_scale * log2(e)
+  float v_scale;
+  int tp_rank, local_blocks;
+  int vert_stride;             // <= 1: dense
+  int sparse_block, sliding_step;
+  int chunk_blocks;            // logical cache blocks per split
+};
+static_assert(sizeof(DecodeParams) == 17 * 4, "DecodeParams must have no padding (PARAMS_DTYPE mirrors it)");
 
 // Compile-time shapes of one (cache element, head size) instantiation.
 template <typename CT, int HEAD>
@@ -149,6 +168,75 @@ struct Convert<unsigned char> {
 __device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
 
 // ---------------------------------------------------------------------------------------------------------------
+// Split combine, fused into the attention kernels (no second launch: its host time and launch gap cost ~2% of a
+// 16 x 32k decode step). Every split CTA of a (sequence, kv head) stores its normalised partial rows and (max, sum);
+// the last of the num_splits CTAs to take a ticket on `counter` (after a device-scope fence) merges them,
+// out = sum_p w_p o_p / sum_p w_p with w_p = l_p * 2^(m_p - max m), and resets the ticket for the next launch (CUDA
+// graph replays). The merge reads the splits in order, so the result does not depend on which CTA finishes last.
+// All threads of the CTA call it; `row0` = seq * Hq + first query head of the group. Scratch comes from the caller's
+// dynamic shared memory (free by now), not from static __shared__ variables: those would shift the dynamic carve-up
+// off its 128-byte alignment, and paged_decode_bulk's bulk copies into 16-byte-aligned stages ran 25% slower (H200).
+
+template <typename T, int HEAD>
+__device__ void combine_splits_if_last(T* __restrict__ out, const float* __restrict__ part_o,
+                                       const float2* __restrict__ part_ml, int* __restrict__ counter, size_t row0,
+                                       int group, int num_splits,
+                                       int* last_s,       // shared: 1 int
+                                       float2* stat_s) {  // shared: per head, (max m over non-empty splits, 1 / sum)
+  __threadfence();  // this thread's partial stores are visible device-wide before the ticket
+  __syncthreads();  // also: every thread is done with the scratch's earlier contents
+  if (threadIdx.x == 0) *last_s = atomicAdd(counter, 1) == num_splits - 1;
+  __syncthreads();
+  if (!*last_s) return;
+  __threadfence();  // the other splits' stores were fenced before their tickets: read them after ours
+  if (threadIdx.x == 0) *counter = 0;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, num_warps = blockDim.x >> 5;
+  // __ldcg: the partials were written by other SMs during this launch; read them from L2, never from a stale L1 line.
+  for (int i = warp; i < group; i += num_warps) {
+    const float2* ml = part_ml + (row0 + i) * num_splits;
+    float mx = neg_inf();
+    for (int q = lane; q < num_splits; q += 32) {
+      const float2 v = __ldcg(ml + q);
+      if (v.y > 0.0f) mx = fmaxf(mx, v.x);
+    }
+    mx = warp_max(mx);
+    float sum = 0.0f;
+    for (int q = lane; q < num_splits; q += 32) {
+      const float2 v = __ldcg(ml + q);
+      sum += v.y > 0.0f ? v.y * exp2f(v.x - mx) : 0.0f;  // an empty split wrote no output: weight 0
+    }
+    sum = warp_sum(sum);
+    if (lane == 0) stat_s[i] = make_float2(mx, sum > 0.0f ? 1.0f / sum : 0.0f);
+  }
+  __syncthreads();
+  constexpr int kVecs = HEAD / 4;  // float4 columns of one row
+  for (int item = threadIdx.x; item < group * kVecs; item += blockDim.x) {
+    const int i = item / kVecs, c = item % kVecs;
+    const float2 st = stat_s[i];
+    const float2* ml = part_ml + (row0 + i) * num_splits;
+    const float4* o = reinterpret_cast<const float4*>(part_o + (row0 + i) * num_splits * HEAD) + c;
+    float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+#pragma unroll 4
+    for (int q = 0; q < num_splits; ++q) {
+      const float2 v = __ldcg(ml + q);
+      if (v.y > 0.0f) {
+        const float w = v.y * exp2f(v.x - st.x);
+        const float4 x = __ldcg(o + (size_t)q * kVecs);
+        acc.x = fmaf(w, x.x, acc.x);
+        acc.y = fmaf(w, x.y, acc.y);
+        acc.z = fmaf(w, x.z, acc.z);
+        acc.w = fmaf(w, x.w, acc.w);
+      }
+    }
+    T* dst = out + (row0 + i) * HEAD + 4 * c;
+    dst[0] = from_float<T>(acc.x * st.y);
+    dst[1] = from_float<T>(acc.y * st.y);
+    dst[2] = from_float<T>(acc.z * st.y);
+    dst[3] = from_float<T>(acc.w * st.y);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
 // Block list: the logical cache blocks [j0, j1) of one sequence that at least one query head of kv head `kvh`'s group
 // needs, compacted in order into list[] as (physical block id, head mask | valid tokens << 8). The sparse rule is
 // evaluated per cache block at sparse-block granularity (k_sb = j * BS / sparse_block, q_sb = (len - 1) /
@@ -157,16 +245,16 @@ __device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); 
 
 template <int GMAX, int NT = kThreads>
 __device__ int build_block_list(int2* list, int* count, const int* __restrict__ table_row, int j0, int j1, int len,
-                                int log2_bs, int num_blocks, int num_heads, int num_kv_heads, int kvh, int group,
-                                int tp_rank, int local_blocks, int vert_stride, int sparse_block, int sliding_step) {
+                                int kvh, const DecodeParams& p) {
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int group = p.group, log2_bs = p.log2_bs, sparse_block = p.sparse_block;
   const int h0 = kvh * group;
   const int q_sb = (len - 1) / sparse_block;
   int offset[GMAX];
 #pragma unroll
   for (int i = 0; i < GMAX; ++i) {
-    offset[i] = sliding_step >= 0 ? (tp_rank * num_heads + h0 + i) * sliding_step + 1
-                                  : (tp_rank * num_kv_heads + kvh) * (-sliding_step) + 1;
+    offset[i] = p.sliding_step >= 0 ? (p.tp_rank * p.num_kv_heads * group + h0 + i) * p.sliding_step + 1
+                                    : (p.tp_rank * p.num_kv_heads + kvh) * (-p.sliding_step) + 1;
   }
   const unsigned all_heads = (1u << group) - 1u;
   int n_act = 0;
@@ -176,14 +264,14 @@ __device__ int build_block_list(int2* list, int* count, const int* __restrict__ 
     int phys = 0;
     if (j < j1) {
       phys = table_row[j];
-      if (phys >= 0 && phys < num_blocks) {
-        if (vert_stride <= 1) {
+      if (phys >= 0 && phys < p.num_blocks) {
+        if (p.vert_stride <= 1) {
           mask = all_heads;
         } else {
           const int k_sb = (j << log2_bs) / sparse_block;
 #pragma unroll
           for (int i = 0; i < GMAX; ++i) {
-            if (i < group && is_block_active(q_sb, k_sb, offset[i], local_blocks, vert_stride)) mask |= 1u << i;
+            if (i < group && is_block_active(q_sb, k_sb, offset[i], p.local_blocks, p.vert_stride)) mask |= 1u << i;
           }
         }
       }
@@ -224,23 +312,17 @@ __global__ void __launch_bounds__(kThreads, 2) paged_decode(
     T* __restrict__ out,                     // [S, Hq, HEAD], contiguous; written when gridDim.x == 1
     float* __restrict__ part_o,              // [S, Hq, num_splits, HEAD]: normalised split outputs
     float2* __restrict__ part_ml,            // [S, Hq, num_splits]: (max score in log2 units, sum of exp2)
+    int* __restrict__ counters,              // [S * Hkv] split tickets, zero between launches
     const T* __restrict__ query,             // [S, Hq, HEAD], strides (q_stride_s, q_stride_h, 1)
     const CT* __restrict__ key_cache,        // [num_blocks, Hkv, HEAD/x, BS, x]
     const CT* __restrict__ value_cache,      // [num_blocks, Hkv, HEAD, BS]
     const int* __restrict__ block_tables,    // [S, max_blocks], row stride bt_stride
     const int* __restrict__ seq_lens,        // [S]
-    int q_stride_s, int q_stride_h, int num_blocks, int max_blocks, int bt_stride, int max_seq_len,
-    int log2_bs,          // log2 of the cache block size (3, 4 or 5)
-    int num_kv_heads, int group,
-    float qk_scale_log2,  // scale * k_scale * log2(e)
-    float v_scale, int tp_rank, int local_blocks,
-    int vert_stride,      // <= 1: dense
-    int sparse_block, int sliding_step,
-    int chunk_blocks) {   // logical cache blocks per split
+    const DecodeParams p) {
   using S = Shape<CT, HEAD>;
   using M = Smem<CT, HEAD, GMAX>;
   using Cv = Convert<CT>;
-  extern __shared__ __align__(16) unsigned char smem[];
+  extern __shared__ __align__(128) unsigned char smem[];
   float* q_s = reinterpret_cast<float*>(smem + M::kQOff);
   float* red_s = reinterpret_cast<float*>(smem + M::kRedOff);
   float* p_s = reinterpret_cast<float*>(smem + M::kPOff);
@@ -259,42 +341,44 @@ __global__ void __launch_bounds__(kThreads, 2) paged_decode(
   // The last split holds the dense local window (the most work): schedule it first.
   const int split = num_splits - 1 - blockIdx.x;
   const int kvh = blockIdx.y, seq = blockIdx.z;
-  const int bs = 1 << log2_bs;
-  const int num_heads = num_kv_heads * group;
-  const int h0 = kvh * group;
+  const int bs = 1 << p.log2_bs;
+  const int num_heads = p.num_kv_heads * p.group;
+  const int h0 = kvh * p.group;
 
   // Clamp so that no input can make the kernel read outside the cache or the block table.
-  int len = min(seq_lens[seq], max_seq_len);
-  len = min(len, max_blocks << log2_bs);
-  const int nblk = len > 0 ? ((len - 1) >> log2_bs) + 1 : 0;
-  const int j0 = split * chunk_blocks;
-  const int j1 = min(min(j0 + chunk_blocks, nblk), j0 + kMaxSplitBlocks);
+  int len = min(seq_lens[seq], p.max_seq_len);
+  len = min(len, p.max_blocks << p.log2_bs);
+  const int nblk = len > 0 ? ((len - 1) >> p.log2_bs) + 1 : 0;
+  const int j0 = split * p.chunk_blocks;
+  const int j1 = min(min(j0 + p.chunk_blocks, nblk), j0 + kMaxSplitBlocks);
 
   if (j0 >= j1) {  // nothing of this sequence in this split
     if (num_splits == 1) {
-      for (int q = tid; q < group * HEAD; q += kThreads)
+      for (int q = tid; q < p.group * HEAD; q += kThreads)
         out[((size_t)seq * num_heads + h0) * HEAD + q] = from_float<T>(0.0f);
-    } else if (tid < group) {
-      part_ml[((size_t)seq * num_heads + h0 + tid) * num_splits + split] = make_float2(neg_inf(), 0.0f);
+      return;
     }
+    if (tid < p.group)
+      part_ml[((size_t)seq * num_heads + h0 + tid) * num_splits + split] = make_float2(neg_inf(), 0.0f);
+    combine_splits_if_last<T, HEAD>(out, part_o, part_ml, counters + (size_t)seq * p.num_kv_heads + kvh,
+                                    (size_t)seq * num_heads + h0, p.group, num_splits, count_s, ml_s);
     return;
   }
 
   // ---- (1) compact the blocks the group needs ------------------------------------------------------------------
-  const int n_act = build_block_list<GMAX>(list_s, count_s, block_tables + (size_t)seq * bt_stride, j0, j1, len,
-                                           log2_bs, num_blocks, num_heads, num_kv_heads, kvh, group, tp_rank,
-                                           local_blocks, vert_stride, sparse_block, sliding_step);
+  const int n_act =
+      build_block_list<GMAX>(list_s, count_s, block_tables + (size_t)seq * p.bt_stride, j0, j1, len, kvh, p);
 
   for (int q = tid; q < GMAX * HEAD; q += kThreads) {
     const int i = q / HEAD, d = q % HEAD;
-    q_s[q] = i < group ? to_float<T>(query[(size_t)seq * q_stride_s + (size_t)(h0 + i) * q_stride_h + d]) : 0.0f;
+    q_s[q] = i < p.group ? to_float<T>(query[(size_t)seq * p.q_stride_s + (size_t)(h0 + i) * p.q_stride_h + d]) : 0.0f;
   }
   __syncthreads();  // list_s and q_s complete
 
   // ---- (2) stream the active blocks -----------------------------------------------------------------------------
-  const int blocks_per_stage = kStageTokens >> log2_bs;
+  const int blocks_per_stage = kStageTokens >> p.log2_bs;
   const int n_stages = (n_act + blocks_per_stage - 1) / blocks_per_stage;
-  const size_t block_elems = (size_t)HEAD << log2_bs;  // one (block, kv head) slice of K or of V
+  const size_t block_elems = (size_t)HEAD << p.log2_bs;  // one (block, kv head) slice of K or of V
 
   // Stage layout: K as [chunk c][stage token t] 16-byte chunks (lane = token reads consecutive chunks); V as
   // [8-token group g][channel d] chunks of 8 tokens (threads = consecutive d read consecutive chunks).
@@ -305,22 +389,22 @@ __global__ void __launch_bounds__(kThreads, 2) paged_decode(
     // K: per block, HEAD/x chunks x BS tokens, contiguous in global memory; index = (block, c, token).
     for (int q = tid; q < kStageTokens * S::kChunks; q += kThreads) {
       const int tt = q & (bs - 1);
-      const int rest = q >> log2_bs;
+      const int rest = q >> p.log2_bs;
       const int c = rest % S::kChunks, e = rest / S::kChunks;
       if (first + e < n_act) {
-        const size_t blk = (size_t)list_s[first + e].x * num_kv_heads + kvh;
-        cp_async_16(kbuf + (c * kStageTokens + (e << log2_bs) + tt) * 16,
+        const size_t blk = (size_t)list_s[first + e].x * p.num_kv_heads + kvh;
+        cp_async_16(kbuf + (c * kStageTokens + (e << p.log2_bs) + tt) * 16,
                     key_cache + blk * block_elems + (size_t)(c * bs + tt) * S::kX);
       }
     }
     // V: per block, HEAD rows of BS tokens; index = (block, d, 8-token group within the block).
-    const int log2_gpb = log2_bs - 3;  // 8-token groups per block: 1, 2 or 4
+    const int log2_gpb = p.log2_bs - 3;  // 8-token groups per block: 1, 2 or 4
     for (int q = tid; q < S::kPairs; q += kThreads) {
       const int gg = q & ((1 << log2_gpb) - 1);
       const int rest = q >> log2_gpb;
       const int d = rest % HEAD, e = rest / HEAD;
       if (first + e < n_act) {
-        const size_t blk = (size_t)list_s[first + e].x * num_kv_heads + kvh;
+        const size_t blk = (size_t)list_s[first + e].x * p.num_kv_heads + kvh;
         const int g = (e << log2_gpb) + gg;
         cp_async<S::kVBytes>(vbuf + (g * HEAD + d) * S::kVBytes,
                              value_cache + blk * block_elems + (size_t)d * bs + gg * 8);
@@ -347,7 +431,7 @@ __global__ void __launch_bounds__(kThreads, 2) paged_decode(
 #pragma unroll
     for (int i = 0; i < GMAX; ++i) acc[k][i] = 0.0f;
 
-  const float score_mul = qk_scale_log2 * Cv::kFp8Unbias;
+  const float score_mul = p.qk_scale_log2 * Cv::kFp8Unbias;
   for (int st = 0; st < n_stages; ++st) {
     cp_async_wait<S::kStages - 2>();
     __syncthreads();  // stage st landed for every thread; buffer (st - 1) % kStages is free again
@@ -392,7 +476,7 @@ __global__ void __launch_bounds__(kThreads, 2) paged_decode(
 
     // Online softmax in base 2: warp w updates heads w and w + 4; lane = token.
     {
-      const int e = lane >> log2_bs, tt = lane & (bs - 1);
+      const int e = lane >> p.log2_bs, tt = lane & (bs - 1);
       const int meta = first + e < n_act ? list_s[first + e].y : 0;  // absent block: no head, no token
       const bool tok_ok = tt < (meta >> 8);
 #pragma unroll
@@ -429,7 +513,7 @@ __global__ void __launch_bounds__(kThreads, 2) paged_decode(
           const int d = pair % HEAD, g = pair / HEAD;
 #pragma unroll
           for (int i = 0; i < GMAX; ++i) acc[k][i] *= alpha[i];
-          const int e = (g * 8) >> log2_bs;
+          const int e = (g * 8) >> p.log2_bs;
           if (first + e < n_act) {  // an absent block's buffer holds stale or uninitialised data: skip it
             float vf[8];
             Cv::tokens8(vbuf + (g * HEAD + d) * S::kVBytes, vf);
@@ -481,8 +565,8 @@ __global__ void __launch_bounds__(kThreads, 2) paged_decode(
     }
   }
   __syncthreads();
-  const float v_mul = v_scale * Cv::kFp8Unbias;
-  for (int q = tid; q < group * HEAD; q += kThreads) {
+  const float v_mul = p.v_scale * Cv::kFp8Unbias;
+  for (int q = tid; q < p.group * HEAD; q += kThreads) {
     const int i = q / HEAD, d = q % HEAD;
     float o = 0.0f;
 #pragma unroll
@@ -495,7 +579,11 @@ __global__ void __launch_bounds__(kThreads, 2) paged_decode(
       part_o[(((size_t)seq * num_heads + h0 + i) * num_splits + split) * HEAD + d] = o;
     }
   }
-  if (num_splits > 1 && tid < group) part_ml[((size_t)seq * num_heads + h0 + tid) * num_splits + split] = ml_s[tid];
+  if (num_splits > 1) {
+    if (tid < p.group) part_ml[((size_t)seq * num_heads + h0 + tid) * num_splits + split] = ml_s[tid];
+    combine_splits_if_last<T, HEAD>(out, part_o, part_ml, counters + (size_t)seq * p.num_kv_heads + kvh,
+                                    (size_t)seq * num_heads + h0, p.group, num_splits, count_s, ml_s);
+  }
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -653,16 +741,15 @@ __global__ void __launch_bounds__(kThreads, 1) paged_decode_mma(
     T* __restrict__ out,                     // [S, Hq, HEAD], contiguous; written when gridDim.x == 1
     float* __restrict__ part_o,              // [S, Hq, num_splits, HEAD]: normalised split outputs
     float2* __restrict__ part_ml,            // [S, Hq, num_splits]: (max score in log2 units, sum of exp2)
+    int* __restrict__ counters,              // [S * Hkv] split tickets, zero between launches
     const T* __restrict__ query,             // [S, Hq, HEAD], strides (q_stride_s, q_stride_h, 1)
     const T* __restrict__ key_cache,         // [num_blocks, Hkv, HEAD/8, BS, 8]
     const T* __restrict__ value_cache,       // [num_blocks, Hkv, HEAD, BS]
     const int* __restrict__ block_tables,    // [S, max_blocks], row stride bt_stride
     const int* __restrict__ seq_lens,        // [S]
-    int q_stride_s, int q_stride_h, int num_blocks, int max_blocks, int bt_stride, int max_seq_len, int log2_bs,
-    int num_kv_heads, int group, float qk_scale_log2, float v_scale, int tp_rank, int local_blocks, int vert_stride,
-    int sparse_block, int sliding_step, int chunk_blocks) {
+    const DecodeParams p) {
   using S = tc::Shape<HEAD>;
-  extern __shared__ __align__(16) unsigned char smem[];
+  extern __shared__ __align__(128) unsigned char smem[];
   int2* list_s = reinterpret_cast<int2*>(smem + S::kListOff);
   int* count_s = reinterpret_cast<int*>(smem + S::kCountOff);
   float2* ml_s = reinterpret_cast<float2*>(smem + S::kMlOff);
@@ -676,37 +763,39 @@ __global__ void __launch_bounds__(kThreads, 1) paged_decode_mma(
   const int num_splits = gridDim.x;
   const int split = num_splits - 1 - blockIdx.x;  // the last split (dense local window) is scheduled first
   const int kvh = blockIdx.y, seq = blockIdx.z;
-  const int bs = 1 << log2_bs;
-  const int num_heads = num_kv_heads * group;
-  const int h0 = kvh * group;
+  const int bs = 1 << p.log2_bs;
+  const int num_heads = p.num_kv_heads * p.group;
+  const int h0 = kvh * p.group;
 
-  int len = min(seq_lens[seq], max_seq_len);
-  len = min(len, max_blocks << log2_bs);
-  const int nblk = len > 0 ? ((len - 1) >> log2_bs) + 1 : 0;
-  const int j0 = split * chunk_blocks;
-  const int j1 = min(min(j0 + chunk_blocks, nblk), j0 + kMaxSplitBlocks);
+  int len = min(seq_lens[seq], p.max_seq_len);
+  len = min(len, p.max_blocks << p.log2_bs);
+  const int nblk = len > 0 ? ((len - 1) >> p.log2_bs) + 1 : 0;
+  const int j0 = split * p.chunk_blocks;
+  const int j1 = min(min(j0 + p.chunk_blocks, nblk), j0 + kMaxSplitBlocks);
   if (j0 >= j1) {
     if (num_splits == 1) {
-      for (int q = tid; q < group * HEAD; q += kThreads)
+      for (int q = tid; q < p.group * HEAD; q += kThreads)
         out[((size_t)seq * num_heads + h0) * HEAD + q] = from_float<T>(0.0f);
-    } else if (tid < group) {
-      part_ml[((size_t)seq * num_heads + h0 + tid) * num_splits + split] = make_float2(neg_inf(), 0.0f);
+      return;
     }
+    if (tid < p.group)
+      part_ml[((size_t)seq * num_heads + h0 + tid) * num_splits + split] = make_float2(neg_inf(), 0.0f);
+    combine_splits_if_last<T, HEAD>(out, part_o, part_ml, counters + (size_t)seq * p.num_kv_heads + kvh,
+                                    (size_t)seq * num_heads + h0, p.group, num_splits, count_s, ml_s);
     return;
   }
 
-  const int n_act = build_block_list<8>(list_s, count_s, block_tables + (size_t)seq * bt_stride, j0, j1, len,
-                                        log2_bs, num_blocks, num_heads, num_kv_heads, kvh, group, tp_rank,
-                                        local_blocks, vert_stride, sparse_block, sliding_step);
+  const int n_act =
+      build_block_list<8>(list_s, count_s, block_tables + (size_t)seq * p.bt_stride, j0, j1, len, kvh, p);
 
   // Fragment coordinates: row (query head) g = lane / 4, column pair 2t, 2t + 1 with t = lane % 4.
   const int g = lane >> 2, t = lane & 3;
   unsigned qa0[HEAD / 16], qa2[HEAD / 16];  // A fragments of Q (rows g < group; rows 8..15 are the zero registers)
   {
-    const T* qrow = query + (size_t)seq * q_stride_s + (size_t)(h0 + g) * q_stride_h;
+    const T* qrow = query + (size_t)seq * p.q_stride_s + (size_t)(h0 + g) * p.q_stride_h;
 #pragma unroll
     for (int kk = 0; kk < HEAD / 16; ++kk) {
-      if (g < group) {
+      if (g < p.group) {
         const int d = 16 * kk + 2 * t;
         qa0[kk] = tc::pack2<T>(to_float<T>(qrow[d]), to_float<T>(qrow[d + 1]));
         qa2[kk] = tc::pack2<T>(to_float<T>(qrow[d + 8]), to_float<T>(qrow[d + 9]));
@@ -716,11 +805,11 @@ __global__ void __launch_bounds__(kThreads, 1) paged_decode_mma(
     }
   }
 
-  const int blocks_per_stage = tc::kStageTokens >> log2_bs;
+  const int blocks_per_stage = tc::kStageTokens >> p.log2_bs;
   const int n_stages = (n_act + blocks_per_stage - 1) / blocks_per_stage;
-  const size_t block_elems = (size_t)HEAD << log2_bs;
-  const int log2_gpb = log2_bs - 3;                // 8-token groups per cache block
-  const int chunks = HEAD << log2_bs >> 3;         // 16-byte chunks of one (block, kv head) slice of K or of V
+  const size_t block_elems = (size_t)HEAD << p.log2_bs;
+  const int log2_gpb = p.log2_bs - 3;         // 8-token groups per cache block
+  const int chunks = HEAD << p.log2_bs >> 3;  // 16-byte chunks of one (block, kv head) slice of K or of V
 
   // Stage layout as in paged_decode: K [chunk c][64 tokens] and V [8-token group][d], 16-byte chunks. Consecutive
   // threads copy consecutive 16-byte chunks of one contiguous 4 KB (D 128, BS 16) slice.
@@ -729,12 +818,12 @@ __global__ void __launch_bounds__(kThreads, 1) paged_decode_mma(
     unsigned char* vbuf = kbuf + S::kKStageBytes;
     const int first = stage * blocks_per_stage;
     for (int e = 0; e < blocks_per_stage && first + e < n_act; ++e) {
-      const size_t blk = (size_t)list_s[first + e].x * num_kv_heads + kvh;
+      const size_t blk = (size_t)list_s[first + e].x * p.num_kv_heads + kvh;
       const unsigned char* ksrc = reinterpret_cast<const unsigned char*>(key_cache + blk * block_elems);
       const unsigned char* vsrc = reinterpret_cast<const unsigned char*>(value_cache + blk * block_elems);
       for (int q = tid; q < chunks; q += kThreads) {
-        const int c = q >> log2_bs, tt = q & (bs - 1);
-        cp_async_16(kbuf + (c * tc::kStageTokens + (e << log2_bs) + tt) * 16, ksrc + q * 16);
+        const int c = q >> p.log2_bs, tt = q & (bs - 1);
+        cp_async_16(kbuf + (c * tc::kStageTokens + (e << p.log2_bs) + tt) * 16, ksrc + q * 16);
         const int d = q >> log2_gpb, gg = q & ((1 << log2_gpb) - 1);
         cp_async_16(vbuf + (((e << log2_gpb) + gg) * HEAD + d) * 16, vsrc + q * 16);
       }
@@ -774,7 +863,7 @@ __global__ void __launch_bounds__(kThreads, 1) paged_decode_mma(
     if (st == n_stages - 1 &&
         (first + blocks_per_stage > n_act || (list_s[n_act - 1].y >> 8) < bs)) {
       for (int q = tid; q < 8 * HEAD; q += kThreads) {
-        const int grp = q / HEAD, e = (grp * 8) >> log2_bs;
+        const int grp = q / HEAD, e = (grp * 8) >> p.log2_bs;
         const int valid = first + e < n_act ? (list_s[first + e].y >> 8) - ((grp * 8) & (bs - 1)) : 0;
         if (valid < 8) {
           unsigned short* v = reinterpret_cast<unsigned short*>(vbuf + q * 16);
@@ -787,7 +876,7 @@ __global__ void __launch_bounds__(kThreads, 1) paged_decode_mma(
     }
 
     tc::attend16<T, HEAD>(kbuf + k_lane, 2 * tc::kStageTokens * 16, vbuf + v_lane, 16 * 16,
-                          tc::valid_bits(list_s, first, n_act, warp, lane, log2_bs), qa0, qa2, qk_scale_log2, m_run,
+                          tc::valid_bits(list_s, first, n_act, warp, lane, p.log2_bs), qa0, qa2, p.qk_scale_log2, m_run,
                           l_run, o);
   }
 
@@ -802,7 +891,7 @@ __global__ void __launch_bounds__(kThreads, 1) paged_decode_mma(
   for (int j = 0; j < HEAD / 8; ++j)
     *reinterpret_cast<float2*>(o_s + (warp * 8 + g) * HEAD + 8 * j + 2 * t) = make_float2(o[j][0], o[j][1]);
   __syncthreads();
-  for (int q = tid; q < group * HEAD; q += kThreads) {
+  for (int q = tid; q < p.group * HEAD; q += kThreads) {
     const int i = q / HEAD, d = q % HEAD;
     float mx = neg_inf();
 #pragma unroll
@@ -816,7 +905,7 @@ __global__ void __launch_bounds__(kThreads, 1) paged_decode_mma(
       l = fmaf(ml.y, f, l);
       acc = fmaf(o_s[(w * 8 + i) * HEAD + d], f, acc);
     }
-    const float val = l > 0.0f ? acc * (v_scale / l) : 0.0f;
+    const float val = l > 0.0f ? acc * (p.v_scale / l) : 0.0f;
     if (num_splits == 1) {
       out[((size_t)seq * num_heads + h0 + i) * HEAD + d] = from_float<T>(val);
     } else {
@@ -824,6 +913,9 @@ __global__ void __launch_bounds__(kThreads, 1) paged_decode_mma(
       if (d == 0) part_ml[((size_t)seq * num_heads + h0 + i) * num_splits + split] = make_float2(mx, l);
     }
   }
+  if (num_splits > 1)
+    combine_splits_if_last<T, HEAD>(out, part_o, part_ml, counters + (size_t)seq * p.num_kv_heads + kvh,
+                                    (size_t)seq * num_heads + h0, p.group, num_splits, count_s, ml_s);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -895,18 +987,17 @@ __global__ void __launch_bounds__(bulk::kThreads, HEAD <= 128 ? 2 : 1) paged_dec
     T* __restrict__ out,                     // [S, Hq, HEAD], contiguous; written when gridDim.x == 1
     float* __restrict__ part_o,              // [S, Hq, num_splits, HEAD]: normalised split outputs
     float2* __restrict__ part_ml,            // [S, Hq, num_splits]: (max score in log2 units, sum of exp2)
+    int* __restrict__ counters,              // [S * Hkv] split tickets, zero between launches
     const T* __restrict__ query,             // [S, Hq, HEAD], strides (q_stride_s, q_stride_h, 1)
     const T* __restrict__ key_cache,         // [num_blocks, Hkv, HEAD/8, BS, 8]
     const T* __restrict__ value_cache,       // [num_blocks, Hkv, HEAD, BS]
     const int* __restrict__ block_tables,    // [S, max_blocks], row stride bt_stride
     const int* __restrict__ seq_lens,        // [S]
-    int q_stride_s, int q_stride_h, int num_blocks, int max_blocks, int bt_stride, int max_seq_len, int log2_bs,
-    int num_kv_heads, int group, float qk_scale_log2, float v_scale, int tp_rank, int local_blocks, int vert_stride,
-    int sparse_block, int sliding_step, int chunk_blocks) {
+    const DecodeParams p) {
 #if __CUDA_ARCH__ >= 900
   using S = bulk::Shape<HEAD, STAGES>;
   constexpr int kThreads = bulk::kThreads, kConsumers = bulk::kConsumerWarps;
-  extern __shared__ __align__(16) unsigned char smem[];
+  extern __shared__ __align__(128) unsigned char smem[];
   int2* list_s = reinterpret_cast<int2*>(smem + S::kListOff);
   int* count_s = reinterpret_cast<int*>(smem + S::kCountOff);
   float2* ml_s = reinterpret_cast<float2*>(smem + S::kMlOff);
@@ -920,22 +1011,25 @@ __global__ void __launch_bounds__(bulk::kThreads, HEAD <= 128 ? 2 : 1) paged_dec
   const int num_splits = gridDim.x;
   const int split = num_splits - 1 - blockIdx.x;  // the last split (dense local window) is scheduled first
   const int kvh = blockIdx.y, seq = blockIdx.z;
-  const int bs = 1 << log2_bs;
-  const int num_heads = num_kv_heads * group;
-  const int h0 = kvh * group;
+  const int bs = 1 << p.log2_bs;
+  const int num_heads = p.num_kv_heads * p.group;
+  const int h0 = kvh * p.group;
 
-  int len = min(seq_lens[seq], max_seq_len);
-  len = min(len, max_blocks << log2_bs);
-  const int nblk = len > 0 ? ((len - 1) >> log2_bs) + 1 : 0;
-  const int j0 = split * chunk_blocks;
-  const int j1 = min(min(j0 + chunk_blocks, nblk), j0 + kMaxSplitBlocks);
+  int len = min(seq_lens[seq], p.max_seq_len);
+  len = min(len, p.max_blocks << p.log2_bs);
+  const int nblk = len > 0 ? ((len - 1) >> p.log2_bs) + 1 : 0;
+  const int j0 = split * p.chunk_blocks;
+  const int j1 = min(min(j0 + p.chunk_blocks, nblk), j0 + kMaxSplitBlocks);
   if (j0 >= j1) {
     if (num_splits == 1) {
-      for (int q = tid; q < group * HEAD; q += kThreads)
+      for (int q = tid; q < p.group * HEAD; q += kThreads)
         out[((size_t)seq * num_heads + h0) * HEAD + q] = from_float<T>(0.0f);
-    } else if (tid < group) {
-      part_ml[((size_t)seq * num_heads + h0 + tid) * num_splits + split] = make_float2(neg_inf(), 0.0f);
+      return;
     }
+    if (tid < p.group)
+      part_ml[((size_t)seq * num_heads + h0 + tid) * num_splits + split] = make_float2(neg_inf(), 0.0f);
+    combine_splits_if_last<T, HEAD>(out, part_o, part_ml, counters + (size_t)seq * p.num_kv_heads + kvh,
+                                    (size_t)seq * num_heads + h0, p.group, num_splits, count_s, ml_s);
     return;
   }
 
@@ -950,12 +1044,11 @@ __global__ void __launch_bounds__(bulk::kThreads, HEAD <= 128 ? 2 : 1) paged_dec
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
   // Its __syncthreads also publish the barrier initialisation.
-  const int n_act = build_block_list<8, kThreads>(list_s, count_s, block_tables + (size_t)seq * bt_stride, j0, j1,
-                                                  len, log2_bs, num_blocks, num_heads, num_kv_heads, kvh, group,
-                                                  tp_rank, local_blocks, vert_stride, sparse_block, sliding_step);
-  const int blocks_per_stage = tc::kStageTokens >> log2_bs;
+  const int n_act =
+      build_block_list<8, kThreads>(list_s, count_s, block_tables + (size_t)seq * p.bt_stride, j0, j1, len, kvh, p);
+  const int blocks_per_stage = tc::kStageTokens >> p.log2_bs;
   const int n_stages = (n_act + blocks_per_stage - 1) / blocks_per_stage;
-  const int slice = HEAD << log2_bs << 1;  // bytes of one (cache block, kv head) slice of K or of V
+  const int slice = HEAD << p.log2_bs << 1;  // bytes of one (cache block, kv head) slice of K or of V
 
   const int g = lane >> 2, t = lane & 3;
   float m_run = neg_inf(), l_run = 0.0f;  // row g's running max (log2 units) and this lane's share of the sum
@@ -965,7 +1058,7 @@ __global__ void __launch_bounds__(bulk::kThreads, HEAD <= 128 ? 2 : 1) paged_dec
 
   if (warp == kConsumers) {
     // ---- producer: lane 2e moves K slice e of a stage, lane 2e + 1 its V slice ------------------------------------
-    const size_t block_elems = (size_t)HEAD << log2_bs;
+    const size_t block_elems = (size_t)HEAD << p.log2_bs;
     for (int st = 0; st < n_stages; ++st) {
       const int slot = st % STAGES;
       if (st >= STAGES) bulk::mbar_wait(empty0 + 8 * slot, ((st / STAGES) - 1) & 1);
@@ -975,7 +1068,7 @@ __global__ void __launch_bounds__(bulk::kThreads, HEAD <= 128 ? 2 : 1) paged_dec
       __syncwarp();
       if (lane < 2 * nb) {
         const int e = lane >> 1, is_v = lane & 1;
-        const size_t blk = (size_t)list_s[first + e].x * num_kv_heads + kvh;
+        const size_t blk = (size_t)list_s[first + e].x * p.num_kv_heads + kvh;
         bulk::bulk_load(stage0 + slot * S::kStageBytes + is_v * S::kKStageBytes + e * slice,
                         (is_v ? value_cache : key_cache) + blk * block_elems, slice, full0 + 8 * slot);
       }
@@ -984,10 +1077,10 @@ __global__ void __launch_bounds__(bulk::kThreads, HEAD <= 128 ? 2 : 1) paged_dec
     // ---- consumers: warp w takes tokens 16w .. 16w + 15 of every stage --------------------------------------------
     unsigned qa0[HEAD / 16], qa2[HEAD / 16];  // A fragments of Q (rows g < group; rows 8..15 are zero registers)
     {
-      const T* qrow = query + (size_t)seq * q_stride_s + (size_t)(h0 + g) * q_stride_h;
+      const T* qrow = query + (size_t)seq * p.q_stride_s + (size_t)(h0 + g) * p.q_stride_h;
 #pragma unroll
       for (int kk = 0; kk < HEAD / 16; ++kk) {
-        if (g < group) {
+        if (g < p.group) {
           const int d = 16 * kk + 2 * t;
           qa0[kk] = tc::pack2<T>(to_float<T>(qrow[d]), to_float<T>(qrow[d + 1]));
           qa2[kk] = tc::pack2<T>(to_float<T>(qrow[d + 8]), to_float<T>(qrow[d + 9]));
@@ -1001,10 +1094,11 @@ __global__ void __launch_bounds__(bulk::kThreads, HEAD <= 128 ? 2 : 1) paged_dec
     // (V rows sit BS * 2 bytes apart, a 2-way bank conflict for BS 16 that the contiguous bulk copies cannot swizzle.)
     const int mat = lane >> 3, mrow = lane & 7;
     const int tk = 16 * warp + 8 * (mat >> 1) + mrow;
-    const int k_lane = (tk >> log2_bs) * slice + (((mat & 1) << log2_bs) + (tk & (bs - 1))) * 16;
+    const int k_lane = (tk >> p.log2_bs) * slice + (((mat & 1) << p.log2_bs) + (tk & (bs - 1))) * 16;
     const int tv = 16 * warp + 8 * (mat & 1);
-    const int v_lane = S::kKStageBytes + (tv >> log2_bs) * slice + ((8 * (mat >> 1) + mrow) * bs + (tv & (bs - 1))) * 2;
-    const int step = 32 << log2_bs;  // K: 2 chunks x BS tokens x 16 bytes; V: 16 channels x BS tokens x 2 bytes
+    const int v_lane =
+        S::kKStageBytes + (tv >> p.log2_bs) * slice + ((8 * (mat >> 1) + mrow) * bs + (tv & (bs - 1))) * 2;
+    const int step = 32 << p.log2_bs;  // K: 2 chunks x BS tokens x 16 bytes; V: 16 channels x BS tokens x 2 bytes
 
     for (int st = 0; st < n_stages; ++st) {
       const int slot = st % STAGES;
@@ -1016,7 +1110,7 @@ __global__ void __launch_bounds__(bulk::kThreads, HEAD <= 128 ? 2 : 1) paged_dec
         // there): P is 0 for them, but 0 * NaN is NaN inside the MMA, so zero this warp's V entries first.
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-          const int tok0 = 16 * warp + 8 * h, e = tok0 >> log2_bs, tt = tok0 & (bs - 1);
+          const int tok0 = 16 * warp + 8 * h, e = tok0 >> p.log2_bs, tt = tok0 & (bs - 1);
           const int valid = first + e < n_act ? (list_s[first + e].y >> 8) - tt : 0;
           if (valid < 8) {
             for (int d = lane; d < HEAD; d += 32) {
@@ -1031,7 +1125,7 @@ __global__ void __launch_bounds__(bulk::kThreads, HEAD <= 128 ? 2 : 1) paged_dec
         __syncwarp();
       }
       tc::attend16<T, HEAD>(buf + k_lane, step, buf + v_lane, step,
-                            tc::valid_bits(list_s, first, n_act, warp, lane, log2_bs), qa0, qa2, qk_scale_log2,
+                            tc::valid_bits(list_s, first, n_act, warp, lane, p.log2_bs), qa0, qa2, p.qk_scale_log2,
                             m_run, l_run, o);
       bulk::mbar_arrive(empty0 + 8 * slot);
     }
@@ -1049,7 +1143,7 @@ __global__ void __launch_bounds__(bulk::kThreads, HEAD <= 128 ? 2 : 1) paged_dec
       *reinterpret_cast<float2*>(o_s + (warp * 8 + g) * HEAD + 8 * j + 2 * t) = make_float2(o[j][0], o[j][1]);
   }
   __syncthreads();
-  for (int q = tid; q < group * HEAD; q += kThreads) {
+  for (int q = tid; q < p.group * HEAD; q += kThreads) {
     const int i = q / HEAD, d = q % HEAD;
     float mx = neg_inf();
 #pragma unroll
@@ -1063,7 +1157,7 @@ __global__ void __launch_bounds__(bulk::kThreads, HEAD <= 128 ? 2 : 1) paged_dec
       l = fmaf(ml.y, f, l);
       acc = fmaf(o_s[(w * 8 + i) * HEAD + d], f, acc);
     }
-    const float val = l > 0.0f ? acc * (v_scale / l) : 0.0f;
+    const float val = l > 0.0f ? acc * (p.v_scale / l) : 0.0f;
     if (num_splits == 1) {
       out[((size_t)seq * num_heads + h0 + i) * HEAD + d] = from_float<T>(val);
     } else {
@@ -1071,60 +1165,12 @@ __global__ void __launch_bounds__(bulk::kThreads, HEAD <= 128 ? 2 : 1) paged_dec
       if (d == 0) part_ml[((size_t)seq * num_heads + h0 + i) * num_splits + split] = make_float2(mx, l);
     }
   }
+  if (num_splits > 1)
+    combine_splits_if_last<T, HEAD>(out, part_o, part_ml, counters + (size_t)seq * p.num_kv_heads + kvh,
+                                    (size_t)seq * num_heads + h0, p.group, num_splits, count_s, ml_s);
 #else
   __trap();
 #endif
-}
-
-// ---------------------------------------------------------------------------------------------------------------
-// Combine the splits of one (sequence, query head): out = sum_p w_p o_p / sum_p w_p, w_p = l_p * 2^(m_p - max m).
-// Grid (Hq, S) x 128 threads; dynamic shared memory: num_splits floats.
-
-template <typename T>
-__global__ void __launch_bounds__(kThreads) paged_decode_combine(
-    T* __restrict__ out,                 // [S, Hq, head_size], contiguous
-    const float* __restrict__ part_o,    // [S, Hq, num_splits, head_size]
-    const float2* __restrict__ part_ml,  // [S, Hq, num_splits]
-    int num_splits, int head_size) {
-  extern __shared__ float w_s[];  // [num_splits]
-  __shared__ float red[kWarps];
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const size_t row = (size_t)blockIdx.y * gridDim.x + blockIdx.x;
-  const float2* ml = part_ml + row * num_splits;
-
-  float mx = neg_inf();
-  for (int p = tid; p < num_splits; p += kThreads) {
-    const float2 v = ml[p];
-    if (v.y > 0.0f) mx = fmaxf(mx, v.x);
-  }
-  mx = warp_max(mx);
-  if (lane == 0) red[warp] = mx;
-  __syncthreads();
-  mx = fmaxf(fmaxf(red[0], red[1]), fmaxf(red[2], red[3]));
-  __syncthreads();
-
-  float sum = 0.0f;
-  for (int p = tid; p < num_splits; p += kThreads) {
-    const float2 v = ml[p];
-    const float w = v.y > 0.0f ? v.y * exp2f(v.x - mx) : 0.0f;  // empty splits wrote no output: weight 0
-    w_s[p] = w;
-    sum += w;
-  }
-  sum = warp_sum(sum);
-  if (lane == 0) red[warp] = sum;
-  __syncthreads();
-  sum = red[0] + red[1] + red[2] + red[3];
-  const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
-
-  const float* o = part_o + row * num_splits * head_size;
-  for (int d = tid; d < head_size; d += kThreads) {
-    float a = 0.0f;
-    for (int p = 0; p < num_splits; ++p) {
-      const float w = w_s[p];
-      if (w > 0.0f) a = fmaf(w, o[(size_t)p * head_size + d], a);
-    }
-    out[row * head_size + d] = from_float<T>(a * inv);
-  }
 }
 
 }  // namespace decode

@@ -214,6 +214,29 @@ def test_shared_memory_fits_hopper_and_ampere():
                 assert _decode_cuda.smem_bytes(d, fp8, g) <= 163 * 1024  # A100's opt-in limit is 163 KB
 
 
+def test_params_dtype_mirrors_the_kernel_struct():
+    # The kernels take their scalars as one DecodeParams passed by value: the launcher's structured dtype must list
+    # the same fields, in the same order, with the same 4-byte types (so neither side has padding).
+    import re
+
+    from cubsattn import _kernels
+
+    text = (_kernels.CUDA_SRC / "decode.cu").read_text()
+    body = re.search(r"struct DecodeParams \{(.*?)\n\};", text, re.S).group(1)
+    fields = []
+    for line in body.splitlines():
+        decl = line.split("//")[0].strip().rstrip(";")
+        if decl:
+            ctype, names = decl.split(None, 1)
+            fields += [(name.strip(), ctype) for name in names.split(",")]
+    want = {"int": np.dtype(np.int32), "float": np.dtype(np.float32)}
+    dtype = _decode_cuda.PARAMS_DTYPE
+    assert [name for name, _ in fields] == list(dtype.names)
+    assert all(dtype.fields[name][0] == want[ctype] for name, ctype in fields)
+    assert dtype.itemsize == 4 * len(fields)
+    assert f"sizeof(DecodeParams) == {len(fields)} * 4" in text
+
+
 def test_bulk_kernel_shared_memory():
     # sm_90 only: the per-block opt-in limit is 227 KB; head sizes up to 128 keep two CTAs (+1 KB reserved each) on
     # one SM's 228 KB.
