@@ -42,11 +42,22 @@ SOURCE = _kernels.register(_kernels.KernelSource(
 
 def smem_bytes(head_size: int) -> int:
     """Dynamic shared memory of one CTA (prefill_sm90.cu ``Layout::ALLOC``): the Q tile, the K/V ring, two
-    mbarriers and one (n0, mask) pair per stage, the Q mbarrier, and 1024 bytes to re-align the window to the
-    swizzle pattern."""
+    mbarriers and one (n0, mask) pair per stage, the Q full and empty mbarriers, and 1024 bytes to re-align the
+    window to the swizzle pattern."""
     stages = STAGES[head_size]
     tile = 64 * head_size * 2
-    return 2 * tile + 2 * stages * tile + 2 * stages * 8 + 8 + stages * 8 + 1024
+    return 2 * tile + 2 * stages * tile + 2 * stages * 8 + 16 + stages * 8 + 1024
+
+
+_SM_COUNTS: dict = {}
+
+
+def _sm_count(cupy) -> int:
+    """Streaming multiprocessors of the current device (the persistent grid has one CTA per SM)."""
+    dev = cupy.cuda.Device().id
+    if dev not in _SM_COUNTS:
+        _SM_COUNTS[dev] = int(cupy.cuda.runtime.getDeviceProperties(dev)["multiProcessorCount"])
+    return _SM_COUNTS[dev]
 
 
 def supports(q, k, layout: BlockSparseLayout) -> bool:
@@ -94,14 +105,15 @@ def prefill(q, k, v, cu_q: np.ndarray, cu_k: np.ndarray, layout: BlockSparseLayo
     kernel = _kernels.get_function(SOURCE.filename, kernel_name(q.dtype, head_size), dynamic_smem=smem)
     q, strides, scale_log2 = _prefill_cuda._positive_scale(q, scale, strides)
     (q_tok, q_head), (k_tok, k_head), (v_tok, v_head), (o_tok, o_head) = strides
-    kernel((num_tiles * num_heads,), (THREADS,),
+    num_items = num_tiles * num_heads
+    kernel((min(num_items, _sm_count(cupy)),), (THREADS,),
            (q, np.int64(q_tok), np.int32(q_head),
             k, np.int64(k_tok), np.int32(k_head),
             v, np.int64(v_tok), np.int32(v_head),
             out, np.int64(o_tok), np.int32(o_head),
             tiles, dev_cu_q, dev_cu_k, indptr, indices,
             np.int32(num_heads), np.int32(num_heads // num_kv_heads), np.int32(layout.num_blocks),
-            np.int32(indices.shape[1]), np.int32(block_size), scale_log2),
+            np.int32(indices.shape[1]), np.int32(block_size), scale_log2, np.int32(num_items)),
            shared_mem=smem)
     return out
 

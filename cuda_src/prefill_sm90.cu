@@ -174,7 +174,7 @@ __device__ __forceinline__ float exp2_approx(float x) {
 
 // ---------------------------------------------------------------------------------------------------------------
 // Shared memory: the CTA's Q tile (one 64-row tile per consumer warpgroup), STAGES x K tiles, STAGES x V tiles,
-// then per stage a full and an empty mbarrier, the Q barrier, and per stage the tile's (n0, mask).
+// then per stage a full and an empty mbarrier, the Q full and empty mbarriers, and per stage the tile's (n0, mask).
 // A tile is [D/64][64 rows][64 elements]: each row of a 64-column slab is 128 bytes whose 16-byte chunks are
 // XOR-swizzled by (row & 7), the canonical 128B-swizzle layout that wgmma reads as K-major (Q and K in Q K^T) and
 // as N-major (V in P V).
@@ -186,8 +186,8 @@ template <int HEAD_DIM, int STAGES> struct Layout {
   static constexpr int K_OFF = 2 * TILE_BYTES;
   static constexpr int V_OFF = K_OFF + STAGES * TILE_BYTES;
   static constexpr int BAR_OFF = V_OFF + STAGES * TILE_BYTES;
-  static constexpr int Q_BAR_OFF = BAR_OFF + 2 * STAGES * 8;
-  static constexpr int INFO_OFF = Q_BAR_OFF + 8;
+  static constexpr int Q_BAR_OFF = BAR_OFF + 2 * STAGES * 8;  // Q full, then Q empty
+  static constexpr int INFO_OFF = Q_BAR_OFF + 16;
   static constexpr int BYTES = INFO_OFF + STAGES * 8;
   static constexpr int ALLOC = BYTES + 1024;  // the dynamic window is re-aligned to 1024 bytes
 };
@@ -196,6 +196,29 @@ template <int HEAD_DIM, int STAGES> struct Layout {
 __device__ __forceinline__ int swizzled(int row, int chunk) {
   return (chunk >> 3) * (BLOCK_N * 128) + row * 128 + (((chunk & 7) ^ (row & 7)) << 4);
 }
+
+// ---------------------------------------------------------------------------------------------------------------
+// A work item: one (128-row query tile, q head). Items are numbered tile_rank * H_q + head, tiles heaviest first;
+// CTA b of a grid of G (about one per SM) takes items b, b + G, ... so the heavy ones go first everywhere.
+
+struct Item {
+  int head, q_start, k_start, k_len, past, tile_start, pos_lo, pos_hi;  // valid query rows: [pos_lo, pos_hi)
+
+  __device__ __forceinline__ Item(int item, int num_heads, const int* __restrict__ tiles,
+                                  const int* __restrict__ cu_q, const int* __restrict__ cu_k) {
+    head = item % num_heads;
+    const int tile = item / num_heads;
+    const int seq = tiles[2 * tile];
+    tile_start = tiles[2 * tile + 1];
+    q_start = cu_q[seq];
+    const int q_len = cu_q[seq + 1] - q_start;
+    k_start = cu_k[seq];
+    k_len = cu_k[seq + 1] - k_start;
+    past = k_len - q_len;  // queries are the last q_len key positions
+    pos_lo = max(tile_start, past);
+    pos_hi = min(tile_start + BLOCK_M, k_len);
+  }
+};
 
 // ---------------------------------------------------------------------------------------------------------------
 // The key-tile walk of one CTA (producer only): ascending union of the column lists of the R <= 2 CSR rows the
@@ -207,6 +230,28 @@ struct KeyWalk {
   const int* cols;
   int ptr0, end0, col0, ptr1, end1, col1;
   int subs, sub, n0, mask, block_size, pos_last;
+
+  __device__ __forceinline__ KeyWalk(const Item& w, const int* __restrict__ indptr, const int* __restrict__ indices,
+                                     int num_blocks, int nnz_stride, int block_size_)
+      : cols(indices + (long long)w.head * nnz_stride), ptr0(0), end0(0), col0(NONE), ptr1(0), end1(0), col1(NONE),
+        subs(block_size_ > BLOCK_N ? block_size_ / BLOCK_N : 1), n0(0), mask(0), block_size(block_size_),
+        pos_last(w.pos_hi - 1) {
+    sub = subs;  // the first next() starts a column
+    const int* row_ptr = indptr + (long long)w.head * (num_blocks + 1);
+    int qb = w.tile_start / block_size;
+    if (qb < num_blocks && qb * block_size < w.pos_hi && (qb + 1) * block_size > w.pos_lo) {
+      ptr0 = row_ptr[qb];
+      end0 = row_ptr[qb + 1];
+      col0 = ptr0 < end0 ? cols[ptr0] : NONE;
+    }
+    ++qb;
+    if (BLOCK_M / block_size == 2 && qb < num_blocks && qb * block_size < w.pos_hi &&
+        (qb + 1) * block_size > w.pos_lo) {  // block 64: the second CSR row of the tile
+      ptr1 = row_ptr[qb];
+      end1 = row_ptr[qb + 1];
+      col1 = ptr1 < end1 ? cols[ptr1] : NONE;
+    }
+  }
 
   __device__ __forceinline__ bool next(int& out_n0, int& out_mask) {
     if (sub + 1 < subs && n0 + BLOCK_N <= pos_last) {  // second 64-key half of a 128-key column
@@ -238,10 +283,11 @@ struct KeyWalk {
 };
 
 // ---------------------------------------------------------------------------------------------------------------
-// Producer warpgroup: all 128 threads copy the Q tile, then the K/V tiles into the ring. Each copy batch is
-// published (Q barrier or the stage's full barrier, count 128) one batch late: each thread waits for its own copies
-// of the previous batch, fences them into the async proxy and arrives, so two batches are in flight per thread. A
-// final stage with n0 = -1 tells the consumers to stop.
+// Producer warpgroup, one work item: all 128 threads copy the Q tile (once the consumers are done with the previous
+// item's), then the K/V tiles into the ring. Each copy batch is published (Q full barrier or the stage's full
+// barrier, count 128) one batch late: each thread waits for its own copies of the previous batch, fences them into
+// the async proxy and arrives, so two batches are in flight per thread. A final stage with n0 = -1 ends the item.
+// `it` counts ring stages across the CTA's items; n is the item's number within the CTA.
 //
 // Q rows: tile row r is query position tile_start + r, valid in [pos_lo, pos_hi) (zeros elsewhere), token
 // q_start + position - past.
@@ -249,9 +295,8 @@ struct KeyWalk {
 template <typename T, int HEAD_DIM, int STAGES>
 __device__ __forceinline__ void produce(unsigned char* smem, const T* __restrict__ q, long long q_tok, int q_head,
                                         const T* __restrict__ k, long long k_tok, int k_head,
-                                        const T* __restrict__ v, long long v_tok, int v_head, int head,
-                                        int q_start, int past, int tile_start, int pos_lo, int pos_hi, int k_start,
-                                        int k_len, int kv_head, KeyWalk walk) {
+                                        const T* __restrict__ v, long long v_tok, int v_head, const Item& w,
+                                        int kv_head, KeyWalk walk, int n, int& it) {
   using L = Layout<HEAD_DIM, STAGES>;
   constexpr int CHUNKS = HEAD_DIM / 8;       // 16-byte chunks per key row
   constexpr int ROWS_PER_PASS = 128 / CHUNKS;  // key rows the warpgroup copies per pass (8 or 16)
@@ -264,23 +309,24 @@ __device__ __forceinline__ void produce(unsigned char* smem, const T* __restrict
   // per pass, so the per-copy work is an add and a compare (the copy loop dominated the producer's issue slots).
   const int r0 = ptid / CHUNKS, c = ptid % CHUNKS;
   const int off0 = swizzled(r0, c);
-  const T* k_base = k + (long long)(k_start + r0) * k_tok + (long long)kv_head * k_head + c * 8;
-  const T* v_base = v + (long long)(k_start + r0) * v_tok + (long long)kv_head * v_head + c * 8;
+  const T* k_base = k + (long long)(w.k_start + r0) * k_tok + (long long)kv_head * k_head + c * 8;
+  const T* v_base = v + (long long)(w.k_start + r0) * v_tok + (long long)kv_head * v_head + c * 8;
   const long long k_step = ROWS_PER_PASS * k_tok, v_step = ROWS_PER_PASS * v_tok;
 
+  if (n > 0) mbar_wait(base + L::Q_BAR_OFF + 8, (n - 1) & 1);  // the consumers' last Q K^T of item n - 1 is done
   {
-    const T* qp = q + (long long)head * q_head + c * 8;
+    const T* qp = q + (long long)w.head * q_head + c * 8;
 #pragma unroll
     for (int p = 0; p < BLOCK_M / ROWS_PER_PASS; ++p) {
-      const int row = r0 + p * ROWS_PER_PASS, pos = tile_start + row;
-      const bool valid = pos >= pos_lo && pos < pos_hi;
+      const int row = r0 + p * ROWS_PER_PASS, pos = w.tile_start + row;
+      const bool valid = pos >= w.pos_lo && pos < w.pos_hi;
       const unsigned dst = base + L::Q_OFF + (row / BLOCK_N) * L::TILE_BYTES + off0 + (row % BLOCK_N - r0) * 128;
-      cp_async_16(dst, valid ? qp + (long long)(q_start + pos - past) * q_tok : q, valid);
+      cp_async_16(dst, valid ? qp + (long long)(w.q_start + pos - w.past) * q_tok : q, valid);
     }
     cp_async_commit();
   }
   unsigned published = base + L::Q_BAR_OFF;  // the barrier of the batch in flight before the current one
-  int it = 0, n0, mask;
+  int n0, mask;
   while (walk.next(n0, mask)) {
     const int stage = it % STAGES;
     mbar_wait(base + L::BAR_OFF + (STAGES + stage) * 8, ((it / STAGES) & 1) ^ 1);  // consumers freed it
@@ -289,7 +335,7 @@ __device__ __forceinline__ void produce(unsigned char* smem, const T* __restrict
     const unsigned dv = base + L::V_OFF + stage * L::TILE_BYTES + off0;
     const T* kp = k_base + (long long)n0 * k_tok;
     const T* vp = v_base + (long long)n0 * v_tok;
-    const int rows_left = k_len - n0 - r0;  // this thread's rows at or past the sequence end load zeros
+    const int rows_left = w.k_len - n0 - r0;  // this thread's rows at or past the sequence end load zeros
     if ((PASSES - 1) * ROWS_PER_PASS < rows_left) {  // the whole tile is inside the sequence (all but the last)
 #pragma unroll
       for (int p = 0; p < PASSES; ++p) {
@@ -322,6 +368,7 @@ __device__ __forceinline__ void produce(unsigned char* smem, const T* __restrict
   mbar_wait(base + L::BAR_OFF + (STAGES + stage) * 8, ((it / STAGES) & 1) ^ 1);
   if (ptid == 0) info[stage] = make_int2(-1, 0);
   mbar_arrive(base + L::BAR_OFF + stage * 8);
+  ++it;
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -486,10 +533,11 @@ template <int STAGES> struct RingCursor {
   }
 };
 
+// A consumer warpgroup's part of one work item (n: its number within the CTA; the ring cursor runs on across items).
 template <typename T, int HEAD_DIM, int STAGES>
 __device__ __forceinline__ void consume(unsigned char* smem, T* __restrict__ out, long long o_tok, int o_head,
-                                        int head, int q_start, int past, int row0, int pos_lo, int pos_hi,
-                                        int row_bit, float scale_log2, int consumer) {
+                                        const Item& w, int row_bit, float scale_log2, int consumer, int n,
+                                        RingCursor<STAGES>& ring) {
   using L = Layout<HEAD_DIM, STAGES>;
   constexpr int DB = HEAD_DIM / 64;  // 64-column output slabs
   const int tid = threadIdx.x & 127, warp = tid >> 5, lane = tid & 31;
@@ -498,6 +546,7 @@ __device__ __forceinline__ void consume(unsigned char* smem, T* __restrict__ out
   const unsigned full_bar = base + L::BAR_OFF, empty_bar = base + L::BAR_OFF + STAGES * 8;
   const int2* info = reinterpret_cast<const int2*>(smem + L::INFO_OFF);
 
+  const int row0 = w.tile_start + 64 * consumer, pos_lo = w.pos_lo, pos_hi = w.pos_hi;
   // This thread's two rows (g and g + 8 of its warp's 16) and whether they are queries of this tile.
   int pos[2];
   bool valid[2];
@@ -511,7 +560,7 @@ __device__ __forceinline__ void consume(unsigned char* smem, T* __restrict__ out
 
   // Q K^T reads this warpgroup's Q tile from shared memory (the producer's first batch).
   const unsigned long long q_desc = smem_desc(base + L::Q_OFF + consumer * L::TILE_BYTES, 16, 1024);
-  mbar_wait(base + L::Q_BAR_OFF, 0);
+  mbar_wait(base + L::Q_BAR_OFF, n & 1);
 
   float acc[DB][32];
 #pragma unroll
@@ -526,12 +575,10 @@ __device__ __forceinline__ void consume(unsigned char* smem, T* __restrict__ out
   //
   // Ping-pong: the two warpgroups take turns issuing their Q K^T (named barriers 1 and 2), so one's softmax runs
   // while the other's matrix products occupy the tensor cores. Both pair the ring tiles the same way and take one
-  // turn per pair, live or not, so their turns pair up; warpgroup 0 goes first and takes warpgroup 1's last
-  // hand-over after the loop.
+  // turn per pair, live or not, so their turns pair up, across items too (the entry point starts and ends the
+  // alternation).
   const int my_bar = 1 + consumer, other_bar = 2 - consumer;
-  if (consumer == 1) named_bar_arrive(other_bar);
   Step pending = {0, 0, 0, 0, 0};
-  RingCursor<STAGES> ring;
   bool more = true;
   while (more) {
     // The next pair of ring tiles (one when the walk ends after the first), each live or not here.
@@ -542,7 +589,9 @@ __device__ __forceinline__ void consume(unsigned char* smem, T* __restrict__ out
     for (int h = 0; h < 2; ++h) {
       mbar_wait(full_bar + ring.stage * 8, ring.phase);
       const int2 tile = info[ring.stage];
-      if (tile.x < 0) {  // end of the walk (the end stage itself is never released: nothing follows it)
+      if (tile.x < 0) {  // end of the walk (the end stage carries no data: free at once)
+        mbar_arrive(empty_bar + ring.stage * 8);
+        ring.advance();
         more = false;
         break;
       }
@@ -578,7 +627,7 @@ __device__ __forceinline__ void consume(unsigned char* smem, T* __restrict__ out
                                      scale_log2, other_bar);
     pending = step;
   }
-  if (consumer == 0) named_bar_sync(my_bar);
+  mbar_arrive(base + L::Q_BAR_OFF + 8);  // every Q K^T of this item has completed (attend waits for each)
   wgmma_wait<0>();
   release(empty_bar, pending);
 
@@ -594,7 +643,7 @@ __device__ __forceinline__ void consume(unsigned char* smem, T* __restrict__ out
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     if (!valid[r]) continue;
-    T* orow = out + (long long)(q_start + pos[r] - past) * o_tok + (long long)head * o_head;
+    T* orow = out + (long long)(w.q_start + pos[r] - w.past) * o_tok + (long long)w.head * o_head;
 #pragma unroll
     for (int b = 0; b < DB; ++b)
 #pragma unroll
@@ -609,7 +658,8 @@ __device__ __forceinline__ void consume(unsigned char* smem, T* __restrict__ out
 
 // ---------------------------------------------------------------------------------------------------------------
 // Entry point: 384 threads, dynamic shared memory Layout<HEAD_DIM, STAGES>::ALLOC bytes (mirrored by
-// cubsattn/_prefill_sm90.py::smem_bytes).
+// cubsattn/_prefill_sm90.py::smem_bytes); a grid of min(num_items, SMs) CTAs walks the num_tiles x H_q work items
+// (persistent: the producer loads an item's Q and first K/V tiles while the consumers finish the previous one).
 
 template <typename T, int HEAD_DIM, int STAGES>
 __global__ void __launch_bounds__(cubsattn::sm90::THREADS, 1) blocksparse_prefill_sm90(
@@ -620,7 +670,7 @@ __global__ void __launch_bounds__(cubsattn::sm90::THREADS, 1) blocksparse_prefil
     const int* __restrict__ tiles,                             // [num_tiles, 2]: (sequence, first position)
     const int* __restrict__ cu_q, const int* __restrict__ cu_k,  // [batch + 1] each
     const int* __restrict__ indptr, const int* __restrict__ indices,  // [H_q, NB + 1], [H_q, nnz_stride]
-    int num_heads, int group, int num_blocks, int nnz_stride, int block_size, float scale_log2) {
+    int num_heads, int group, int num_blocks, int nnz_stride, int block_size, float scale_log2, int num_items) {
   using namespace cubsattn::sm90;
   using L = Layout<HEAD_DIM, STAGES>;
   // A warpgroup holds a pending pair while it waits for the next pair, and the producer publishes a tile only once
@@ -630,60 +680,39 @@ __global__ void __launch_bounds__(cubsattn::sm90::THREADS, 1) blocksparse_prefil
   extern __shared__ unsigned char smem_raw[];
   unsigned char* smem = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
 
-  const int head = blockIdx.x % num_heads;
-  const int tile = blockIdx.x / num_heads;
-  const int seq = tiles[2 * tile], tile_start = tiles[2 * tile + 1];
-  const int q_start = cu_q[seq], q_len = cu_q[seq + 1] - q_start;
-  const int k_start = cu_k[seq], k_len = cu_k[seq + 1] - k_start;
-  const int past = k_len - q_len;  // queries are the last q_len key positions
-  const int pos_lo = max(tile_start, past), pos_hi = min(tile_start + BLOCK_M, k_len);  // valid rows [lo, hi)
-
   if (threadIdx.x == 0) {
     const unsigned bars = smem_addr(smem + L::BAR_OFF);
     for (int s = 0; s < STAGES; ++s) {
       mbar_init(bars + s * 8, 128);                        // full: every producer thread
       mbar_init(bars + (STAGES + s) * 8, 32 * CONSUMER_WARPS);  // empty: every consumer thread
     }
-    mbar_init(smem_addr(smem + L::Q_BAR_OFF), 128);  // Q tile: every producer thread
+    mbar_init(smem_addr(smem + L::Q_BAR_OFF), 128);                      // Q full: every producer thread
+    mbar_init(smem_addr(smem + L::Q_BAR_OFF + 8), 32 * CONSUMER_WARPS);  // Q empty: every consumer thread
   }
   __syncthreads();
 
-  // Registers: 384 threads start with 168 each; the producer needs few, the pipelined consumers (O, a pair's
-  // scores and the pending pair's P) more: 128 x 40 + 256 x 232 = 384 x 168.
+  // Registers: 384 threads start with 168 each; the producer needs few, the consumers (O, a pair's scores and P)
+  // more: 128 x 56 + 256 x 224 = 384 x 168 (the pool a CTA starts with; 40 spills in the producer).
   const int wg = threadIdx.x / 128;
   if (wg == 0) {
-    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
-    KeyWalk walk;
-    walk.cols = indices + (long long)head * nnz_stride;
-    walk.subs = block_size > BLOCK_N ? block_size / BLOCK_N : 1;
-    walk.sub = walk.subs;  // the first next() starts a column
-    walk.n0 = 0;
-    walk.mask = 0;
-    walk.block_size = block_size;
-    walk.pos_last = pos_hi - 1;
-    const int rows = BLOCK_M / block_size;  // 2 (block 64) or 1 (block 128)
-    const int* row_ptr = indptr + (long long)head * (num_blocks + 1);
-    int qb = tile_start / block_size;
-    walk.ptr0 = walk.end0 = walk.ptr1 = walk.end1 = 0;
-    walk.col0 = walk.col1 = KeyWalk::NONE;
-    if (qb < num_blocks && qb * block_size < pos_hi && (qb + 1) * block_size > pos_lo) {
-      walk.ptr0 = row_ptr[qb];
-      walk.end0 = row_ptr[qb + 1];
-      walk.col0 = walk.ptr0 < walk.end0 ? walk.cols[walk.ptr0] : KeyWalk::NONE;
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 56;\n" ::: "memory");
+    int it = 0;
+    for (int item = blockIdx.x, n = 0; item < num_items; item += gridDim.x, ++n) {
+      const Item w(item, num_heads, tiles, cu_q, cu_k);
+      produce<T, HEAD_DIM, STAGES>(smem, q, q_tok, q_head, k, k_tok, k_head, v, v_tok, v_head, w, w.head / group,
+                                   KeyWalk(w, indptr, indices, num_blocks, nnz_stride, block_size), n, it);
     }
-    ++qb;
-    if (rows == 2 && qb < num_blocks && qb * block_size < pos_hi && (qb + 1) * block_size > pos_lo) {
-      walk.ptr1 = row_ptr[qb];
-      walk.end1 = row_ptr[qb + 1];
-      walk.col1 = walk.ptr1 < walk.end1 ? walk.cols[walk.ptr1] : KeyWalk::NONE;
-    }
-    produce<T, HEAD_DIM, STAGES>(smem, q, q_tok, q_head, k, k_tok, k_head, v, v_tok, v_head, head, q_start, past,
-                                 tile_start, pos_lo, pos_hi, k_start, k_len, head / group, walk);
   } else {
-    asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 224;\n" ::: "memory");
     const int c = wg - 1;
     const int row_bit = block_size == 64 ? c : 0;  // the CSR row of this warpgroup's 64 rows
-    consume<T, HEAD_DIM, STAGES>(smem, out, o_tok, o_head, head, q_start, past, tile_start + 64 * c, pos_lo, pos_hi,
-                                 row_bit, scale_log2, c);
+    RingCursor<STAGES> ring;
+    // Warpgroup 0 takes the first ping-pong turn, and after the last item warpgroup 1's last hand-over (named
+    // barrier 1). Doing this per item would let warpgroup 1 arrive twice in a row on barrier 1.
+    if (c == 1) named_bar_arrive(1);
+    for (int item = blockIdx.x, n = 0; item < num_items; item += gridDim.x, ++n)
+      consume<T, HEAD_DIM, STAGES>(smem, out, o_tok, o_head, Item(item, num_heads, tiles, cu_q, cu_k), row_bit,
+                                   scale_log2, c, n, ring);
+    if (c == 0) named_bar_sync(1);
   }
 }
