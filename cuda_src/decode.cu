@@ -21,8 +21,9 @@ constexpr int kStageTokens = 32;
 constexpr int kMaxSplitBlocks = 512;
 
 // Every scalar argument of the attention kernels, passed by value as one struct (the launcher's NumPy structured
-// scalar _decode_cuda.PARAMS_DTYPE mirrors it field for field): one kernel argument instead of 17 saves ~2 us of
-// host time per launch, which a decode step of a few hundred microseconds measures.
+// scalar _decode_cuda.PARAMS_DTYPE mirrors it field for field). CuPy converts every scalar argument on every launch:
+// 17 conversions took ~1.7 us on a 2-core EPYC host, one structured scalar ~0.35 us; an eager decode call's
+// bandwidth includes that host time.
 struct DecodeParams {
   int q_stride_s, q_stride_h;  // query strides (elements) of the sequence and head axes
   int num_blocks;              // physical cache blocks; block ids outside [0, num_blocks) are skipped
@@ -168,14 +169,16 @@ struct Convert<unsigned char> {
 __device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
 
 // ---------------------------------------------------------------------------------------------------------------
-// Split combine, fused into the attention kernels (no second launch: its host time and launch gap cost ~2% of a
-// 16 x 32k decode step). Every split CTA of a (sequence, kv head) stores its normalised partial rows and (max, sum);
+// Split combine, fused into the attention kernels (no second launch, whose host time every eager call paid, and no
+// gap between two kernels). Every split CTA of a (sequence, kv head) stores its normalised partial rows and (max, sum);
 // the last of the num_splits CTAs to take a ticket on `counter` (after a device-scope fence) merges them,
 // out = sum_p w_p o_p / sum_p w_p with w_p = l_p * 2^(m_p - max m), and resets the ticket for the next launch (CUDA
 // graph replays). The merge reads the splits in order, so the result does not depend on which CTA finishes last.
 // All threads of the CTA call it; `row0` = seq * Hq + first query head of the group. Scratch comes from the caller's
-// dynamic shared memory (free by now), not from static __shared__ variables: those would shift the dynamic carve-up
-// off its 128-byte alignment, and paged_decode_bulk's bulk copies into 16-byte-aligned stages ran 25% slower (H200).
+// dynamic shared memory (free by now), not from static __shared__ variables, which would move the dynamic carve-up
+// (the bulk kernel's copy stages) off its 128-byte alignment: a build with 80 static bytes (stages at 80 mod 128) ran
+// paged_decode_bulk 25% slower on an H200, with SDPA and the fp8 kernel at their usual speed in that run, than the
+// build without in the next run (the offset alone was not isolated).
 
 template <typename T, int HEAD>
 __device__ void combine_splits_if_last(T* __restrict__ out, const float* __restrict__ part_o,
