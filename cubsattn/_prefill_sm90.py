@@ -42,14 +42,27 @@ SOURCE = _kernels.register(_kernels.KernelSource(
 
 def smem_bytes(head_size: int) -> int:
     """Dynamic shared memory of one CTA (prefill_sm90.cu ``Layout::ALLOC``): the Q tile, the K/V ring, two
-    mbarriers and one (n0, mask) pair per stage, the Q full and empty mbarriers, and 1024 bytes to re-align the
-    window to the swizzle pattern."""
+    mbarriers and one (n0, mask) pair per stage, the Q full and empty mbarriers, the work-item slot, and 1024 bytes
+    to re-align the window to the swizzle pattern."""
     stages = STAGES[head_size]
     tile = 64 * head_size * 2
-    return 2 * tile + 2 * stages * tile + 2 * stages * 8 + 16 + stages * 8 + 1024
+    return 2 * tile + 2 * stages * tile + 2 * stages * 8 + 16 + stages * 8 + 32 + 1024
 
 
 _SM_COUNTS: dict = {}
+_COUNTERS: dict = {}
+
+
+def _item_counter(cupy):
+    """A device int32 the kernel's CTAs draw work items from, zeroed on the current stream before each launch
+    (one per device and stream: launches on other streams may run at the same time)."""
+    stream = cupy.cuda.get_current_stream()
+    key = (cupy.cuda.Device().id, stream.ptr)
+    counter = _COUNTERS.get(key)
+    if counter is None:
+        counter = _COUNTERS[key] = cupy.zeros(1, dtype=np.int32)
+    cupy.cuda.runtime.memsetAsync(counter.data.ptr, 0, 4, stream.ptr)
+    return counter
 
 
 def _sm_count(cupy) -> int:
@@ -113,7 +126,8 @@ def prefill(q, k, v, cu_q: np.ndarray, cu_k: np.ndarray, layout: BlockSparseLayo
             out, np.int64(o_tok), np.int32(o_head),
             tiles, dev_cu_q, dev_cu_k, indptr, indices,
             np.int32(num_heads), np.int32(num_heads // num_kv_heads), np.int32(layout.num_blocks),
-            np.int32(indices.shape[1]), np.int32(block_size), scale_log2, np.int32(num_items)),
+            np.int32(indices.shape[1]), np.int32(block_size), scale_log2, np.int32(num_items),
+            _item_counter(cupy)),
            shared_mem=smem)
     return out
 

@@ -174,7 +174,8 @@ __device__ __forceinline__ float exp2_approx(float x) {
 
 // ---------------------------------------------------------------------------------------------------------------
 // Shared memory: the CTA's Q tile (one 64-row tile per consumer warpgroup), STAGES x K tiles, STAGES x V tiles,
-// then per stage a full and an empty mbarrier, the Q full and empty mbarriers, and per stage the tile's (n0, mask).
+// then per stage a full and an empty mbarrier, the Q full and empty mbarriers, per stage the tile's (n0, mask), and
+// the CTA's current work item.
 // A tile is [D/64][64 rows][64 elements]: each row of a 64-column slab is 128 bytes whose 16-byte chunks are
 // XOR-swizzled by (row & 7), the canonical 128B-swizzle layout that wgmma reads as K-major (Q and K in Q K^T) and
 // as N-major (V in P V).
@@ -188,7 +189,8 @@ template <int HEAD_DIM, int STAGES> struct Layout {
   static constexpr int BAR_OFF = V_OFF + STAGES * TILE_BYTES;
   static constexpr int Q_BAR_OFF = BAR_OFF + 2 * STAGES * 8;  // Q full, then Q empty
   static constexpr int INFO_OFF = Q_BAR_OFF + 16;
-  static constexpr int BYTES = INFO_OFF + STAGES * 8;
+  static constexpr int ITEM_OFF = INFO_OFF + STAGES * 8;  // the current work item (published with the Q barrier)
+  static constexpr int BYTES = ITEM_OFF + 32;
   static constexpr int ALLOC = BYTES + 1024;  // the dynamic window is re-aligned to 1024 bytes
 };
 
@@ -199,13 +201,20 @@ __device__ __forceinline__ int swizzled(int row, int chunk) {
 
 // ---------------------------------------------------------------------------------------------------------------
 // A work item: one (128-row query tile, q head). Items are numbered tile_rank * H_q + head, tiles heaviest first;
-// CTA b of a grid of G (about one per SM) takes items b, b + G, ... so the heavy ones go first everywhere.
+// the CTAs (about one per SM) take them in that order from a global counter, each as soon as it can load the next
+// Q: balanced like the hardware's own block scheduling, and CTAs running together work on neighbouring tiles
+// (their K/V meet in L2).
 
 struct Item {
   int head, q_start, k_start, k_len, past, tile_start, pos_lo, pos_hi;  // valid query rows: [pos_lo, pos_hi)
 
-  __device__ __forceinline__ Item(int item, int num_heads, const int* __restrict__ tiles,
-                                  const int* __restrict__ cu_q, const int* __restrict__ cu_k) {
+  // Item number `item` of the schedule (head = -1: none, item >= num_items).
+  __device__ __forceinline__ void load(int item, int num_items, int num_heads, const int* __restrict__ tiles,
+                                       const int* __restrict__ cu_q, const int* __restrict__ cu_k) {
+    if (item >= num_items) {
+      head = -1;
+      return;
+    }
     head = item % num_heads;
     const int tile = item / num_heads;
     const int seq = tiles[2 * tile];
@@ -283,11 +292,11 @@ struct KeyWalk {
 };
 
 // ---------------------------------------------------------------------------------------------------------------
-// Producer warpgroup, one work item: all 128 threads copy the Q tile (once the consumers are done with the previous
+// Producer warpgroup, one work item: all 128 threads copy the Q tile (the consumers are done with the previous
 // item's), then the K/V tiles into the ring. Each copy batch is published (Q full barrier or the stage's full
 // barrier, count 128) one batch late: each thread waits for its own copies of the previous batch, fences them into
 // the async proxy and arrives, so two batches are in flight per thread. A final stage with n0 = -1 ends the item.
-// `it` counts ring stages across the CTA's items; n is the item's number within the CTA.
+// `it` counts ring stages across the CTA's items.
 //
 // Q rows: tile row r is query position tile_start + r, valid in [pos_lo, pos_hi) (zeros elsewhere), token
 // q_start + position - past.
@@ -296,7 +305,7 @@ template <typename T, int HEAD_DIM, int STAGES>
 __device__ __forceinline__ void produce(unsigned char* smem, const T* __restrict__ q, long long q_tok, int q_head,
                                         const T* __restrict__ k, long long k_tok, int k_head,
                                         const T* __restrict__ v, long long v_tok, int v_head, const Item& w,
-                                        int kv_head, KeyWalk walk, int n, int& it) {
+                                        int kv_head, KeyWalk walk, int& it) {
   using L = Layout<HEAD_DIM, STAGES>;
   constexpr int CHUNKS = HEAD_DIM / 8;       // 16-byte chunks per key row
   constexpr int ROWS_PER_PASS = 128 / CHUNKS;  // key rows the warpgroup copies per pass (8 or 16)
@@ -313,7 +322,6 @@ __device__ __forceinline__ void produce(unsigned char* smem, const T* __restrict
   const T* v_base = v + (long long)(w.k_start + r0) * v_tok + (long long)kv_head * v_head + c * 8;
   const long long k_step = ROWS_PER_PASS * k_tok, v_step = ROWS_PER_PASS * v_tok;
 
-  if (n > 0) mbar_wait(base + L::Q_BAR_OFF + 8, (n - 1) & 1);  // the consumers' last Q K^T of item n - 1 is done
   {
     const T* qp = q + (long long)w.head * q_head + c * 8;
 #pragma unroll
@@ -533,10 +541,10 @@ template <int STAGES> struct RingCursor {
   }
 };
 
-// A consumer warpgroup's part of one work item (n: its number within the CTA; the ring cursor runs on across items).
+// A consumer warpgroup's part of one work item (the ring cursor runs on across items).
 template <typename T, int HEAD_DIM, int STAGES>
 __device__ __forceinline__ void consume(unsigned char* smem, T* __restrict__ out, long long o_tok, int o_head,
-                                        const Item& w, int row_bit, float scale_log2, int consumer, int n,
+                                        const Item& w, int row_bit, float scale_log2, int consumer,
                                         RingCursor<STAGES>& ring) {
   using L = Layout<HEAD_DIM, STAGES>;
   constexpr int DB = HEAD_DIM / 64;  // 64-column output slabs
@@ -558,9 +566,8 @@ __device__ __forceinline__ void consume(unsigned char* smem, T* __restrict__ out
   const int wg_lo = max(row0, pos_lo), wg_hi = min(row0 + 64, pos_hi);  // valid rows of this warpgroup
   const int first_row = row0 + warp * 16;
 
-  // Q K^T reads this warpgroup's Q tile from shared memory (the producer's first batch).
+  // Q K^T reads this warpgroup's Q tile from shared memory (the producer's first batch; the caller waited for it).
   const unsigned long long q_desc = smem_desc(base + L::Q_OFF + consumer * L::TILE_BYTES, 16, 1024);
-  mbar_wait(base + L::Q_BAR_OFF, n & 1);
 
   float acc[DB][32];
 #pragma unroll
@@ -660,6 +667,7 @@ __device__ __forceinline__ void consume(unsigned char* smem, T* __restrict__ out
 // Entry point: 384 threads, dynamic shared memory Layout<HEAD_DIM, STAGES>::ALLOC bytes (mirrored by
 // cubsattn/_prefill_sm90.py::smem_bytes); a grid of min(num_items, SMs) CTAs walks the num_tiles x H_q work items
 // (persistent: the producer loads an item's Q and first K/V tiles while the consumers finish the previous one).
+// next_item: a zeroed int the CTAs draw items from.
 
 template <typename T, int HEAD_DIM, int STAGES>
 __global__ void __launch_bounds__(cubsattn::sm90::THREADS, 1) blocksparse_prefill_sm90(
@@ -670,7 +678,8 @@ __global__ void __launch_bounds__(cubsattn::sm90::THREADS, 1) blocksparse_prefil
     const int* __restrict__ tiles,                             // [num_tiles, 2]: (sequence, first position)
     const int* __restrict__ cu_q, const int* __restrict__ cu_k,  // [batch + 1] each
     const int* __restrict__ indptr, const int* __restrict__ indices,  // [H_q, NB + 1], [H_q, nnz_stride]
-    int num_heads, int group, int num_blocks, int nnz_stride, int block_size, float scale_log2, int num_items) {
+    int num_heads, int group, int num_blocks, int nnz_stride, int block_size, float scale_log2, int num_items,
+    int* __restrict__ next_item) {
   using namespace cubsattn::sm90;
   using L = Layout<HEAD_DIM, STAGES>;
   // A warpgroup holds a pending pair while it waits for the next pair, and the producer publishes a tile only once
@@ -696,11 +705,26 @@ __global__ void __launch_bounds__(cubsattn::sm90::THREADS, 1) blocksparse_prefil
   const int wg = threadIdx.x / 128;
   if (wg == 0) {
     asm volatile("setmaxnreg.dec.sync.aligned.u32 56;\n" ::: "memory");
+    Item* slot = reinterpret_cast<Item*>(smem + L::ITEM_OFF);
+    const unsigned q_full = smem_addr(smem + L::Q_BAR_OFF), q_empty = q_full + 8;
     int it = 0;
-    for (int item = blockIdx.x, n = 0; item < num_items; item += gridDim.x, ++n) {
-      const Item w(item, num_heads, tiles, cu_q, cu_k);
+    // Thread 0 draws the following item and reads its schedule entry as soon as it has the current one (the
+    // global round trips overlap the item's copies instead of delaying the next Q), and hands it to the others
+    // in shared memory: the consumers read it there once the Q barrier completes.
+    Item upcoming;
+    if (threadIdx.x == 0) upcoming.load(atomicAdd(next_item, 1), num_items, num_heads, tiles, cu_q, cu_k);
+    for (int n = 0;; ++n) {
+      if (n > 0) mbar_wait(q_empty, (n - 1) & 1);  // the consumers' last Q K^T of item n - 1 is done
+      if (threadIdx.x == 0) *slot = upcoming;
+      asm volatile("bar.sync 3, 128;\n" ::: "memory");  // the producer warpgroup reads the slot
+      const Item w = *slot;
+      if (w.head < 0) {  // no work left: the consumers read the slot and stop
+        mbar_arrive(q_full);
+        break;
+      }
+      if (threadIdx.x == 0) upcoming.load(atomicAdd(next_item, 1), num_items, num_heads, tiles, cu_q, cu_k);
       produce<T, HEAD_DIM, STAGES>(smem, q, q_tok, q_head, k, k_tok, k_head, v, v_tok, v_head, w, w.head / group,
-                                   KeyWalk(w, indptr, indices, num_blocks, nnz_stride, block_size), n, it);
+                                   KeyWalk(w, indptr, indices, num_blocks, nnz_stride, block_size), it);
     }
   } else {
     asm volatile("setmaxnreg.inc.sync.aligned.u32 224;\n" ::: "memory");
@@ -710,9 +734,13 @@ __global__ void __launch_bounds__(cubsattn::sm90::THREADS, 1) blocksparse_prefil
     // Warpgroup 0 takes the first ping-pong turn, and after the last item warpgroup 1's last hand-over (named
     // barrier 1). Doing this per item would let warpgroup 1 arrive twice in a row on barrier 1.
     if (c == 1) named_bar_arrive(1);
-    for (int item = blockIdx.x, n = 0; item < num_items; item += gridDim.x, ++n)
-      consume<T, HEAD_DIM, STAGES>(smem, out, o_tok, o_head, Item(item, num_heads, tiles, cu_q, cu_k), row_bit,
-                                   scale_log2, c, n, ring);
+    const Item* slot = reinterpret_cast<const Item*>(smem + L::ITEM_OFF);
+    for (int n = 0;; ++n) {
+      mbar_wait(smem_addr(smem + L::Q_BAR_OFF), n & 1);  // Q of item n is in (the slot was written before)
+      const Item w = *slot;
+      if (w.head < 0) break;
+      consume<T, HEAD_DIM, STAGES>(smem, out, o_tok, o_head, w, row_bit, scale_log2, c, ring);
+    }
     if (c == 0) named_bar_sync(1);
   }
 }
