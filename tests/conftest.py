@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import zlib
+
 import ml_dtypes
 import numpy as np
 import pytest
@@ -36,6 +38,7 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture
 def rng(request):
-    """A generator seeded from the test's name, so every test is reproducible on its own."""
-    seed = abs(hash(request.node.nodeid)) % (2**32)
+    """A generator seeded from the test's name, so every test is reproducible on its own and across processes
+    (CRC-32, not ``hash``: string hashes change with every interpreter run)."""
+    seed = zlib.crc32(request.node.nodeid.encode())
     return np.random.default_rng(seed)
