@@ -3,6 +3,8 @@
 Same contract as :mod:`cubsattn._prefill_cuda` (the sm_80 kernel), whose tile schedule and stride checks it reuses:
 :func:`supports` says whether this path can run a problem, :func:`prefill` launches it. The caller
 (:func:`cubsattn.blocksparse_prefill`) has validated the arguments and picks this path on compute capability 9.0.
+The grid is persistent (one CTA per SM at most); its CTAs draw (query tile, head) items from a per-stream counter
+that is zeroed before each launch.
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ import numpy as np
 from . import _kernels, _prefill_cuda
 from .layout import BlockSparseLayout
 
-#: Head sizes compiled (multiples of 64: one 128-byte swizzle slab per 64 columns; Q and O stay in registers).
+#: Head sizes compiled (multiples of 64: one 128-byte swizzle slab per 64 columns; the O accumulator stays in
+#: registers).
 HEAD_SIZES = (64, 128)
 #: Sparse block sizes (a 128-row query tile spans 2 or 1 CSR rows; 64-key tiles cover a block in 1 or 2 steps).
 BLOCK_SIZES = (64, 128)
