@@ -2,8 +2,8 @@
 // accumulate, K/V tiles in 128-byte-swizzled shared memory filled by a producer warpgroup (cp.async, mbarriers),
 // fp32 online softmax in base 2. Same semantics as prefill.cu (queries are the last q_len key positions).
 // q [T_q, H_q, D], k/v [T_k, H_kv, D], out [T_q, H_q, D]: last dim contiguous, token/head strides in elements.
-// Grid: one CTA per (128-row query tile, q head), blockIdx.x = tile_rank * H_q + head; warpgroup 0 loads K/V,
-// warpgroups 1 and 2 each own 64 query rows (Q in registers) and consume the ring's key tiles in pairs.
+// Grid: persistent, at most one CTA per SM, drawing (128-row query tile, q head) work items from a counter;
+// warpgroup 0 loads Q and K/V, warpgroups 1 and 2 each own 64 query rows and consume the ring's key tiles in pairs.
 #include "common.cuh"
 
 namespace cubsattn {
