@@ -52,7 +52,6 @@ def smem_bytes(head_size: int) -> int:
     return 2 * tile + 2 * stages * tile + 2 * stages * 8 + 16 + stages * 8 + 32 + 1024
 
 
-_SM_COUNTS: dict = {}
 _COUNTERS: dict = {}
 
 
@@ -66,14 +65,6 @@ def _item_counter(cupy):
         counter = _COUNTERS[key] = cupy.zeros(1, dtype=np.int32)
     cupy.cuda.runtime.memsetAsync(counter.data.ptr, 0, 4, stream.ptr)
     return counter
-
-
-def _sm_count(cupy) -> int:
-    """Streaming multiprocessors of the current device (the persistent grid has one CTA per SM)."""
-    dev = cupy.cuda.Device().id
-    if dev not in _SM_COUNTS:
-        _SM_COUNTS[dev] = int(cupy.cuda.runtime.getDeviceProperties(dev)["multiProcessorCount"])
-    return _SM_COUNTS[dev]
 
 
 def supports(q, k, layout: BlockSparseLayout) -> bool:
@@ -122,7 +113,7 @@ def prefill(q, k, v, cu_q: np.ndarray, cu_k: np.ndarray, layout: BlockSparseLayo
     q, strides, scale_log2 = _prefill_cuda._positive_scale(q, scale, strides)
     (q_tok, q_head), (k_tok, k_head), (v_tok, v_head), (o_tok, o_head) = strides
     num_items = num_tiles * num_heads
-    kernel((min(num_items, _sm_count(cupy)),), (THREADS,),
+    kernel((min(num_items, _kernels.num_sms()),), (THREADS,),  # persistent: at most one CTA per SM
            (q, np.int64(q_tok), np.int32(q_head),
             k, np.int64(k_tok), np.int32(k_head),
             v, np.int64(v_tok), np.int32(v_head),
