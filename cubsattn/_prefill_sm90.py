@@ -45,11 +45,11 @@ SOURCE = _kernels.register(_kernels.KernelSource(
 
 def smem_bytes(head_size: int) -> int:
     """Dynamic shared memory of one CTA (prefill_sm90.cu ``Layout::ALLOC``): the Q tile, the K/V ring, two
-    mbarriers and one (n0, mask) pair per stage, the Q full and empty mbarriers, the work-item slot, and 1024 bytes
-    to re-align the window to the swizzle pattern."""
+    mbarriers and one (n0, mask) pair per stage, the Q full and empty mbarriers, two 64-byte work-item slots, and
+    1024 bytes to re-align the window to the swizzle pattern."""
     stages = STAGES[head_size]
     tile = 64 * head_size * 2
-    return 2 * tile + 2 * stages * tile + 2 * stages * 8 + 16 + stages * 8 + 32 + 1024
+    return 2 * tile + 2 * stages * tile + 2 * stages * 8 + 16 + stages * 8 + 128 + 1024
 
 
 _COUNTERS: dict = {}

@@ -175,7 +175,7 @@ __device__ __forceinline__ float exp2_approx(float x) {
 // ---------------------------------------------------------------------------------------------------------------
 // Shared memory: the CTA's Q tile (one 64-row tile per consumer warpgroup), STAGES x K tiles, STAGES x V tiles,
 // then per stage a full and an empty mbarrier, the Q full and empty mbarriers, per stage the tile's (n0, mask), and
-// the CTA's current work item.
+// the CTA's current and next work items.
 // A tile is [D/64][64 rows][64 elements]: each row of a 64-column slab is 128 bytes whose 16-byte chunks are
 // XOR-swizzled by (row & 7), the canonical 128B-swizzle layout that wgmma reads as K-major (Q and K in Q K^T) and
 // as N-major (V in P V).
@@ -189,8 +189,8 @@ template <int HEAD_DIM, int STAGES> struct Layout {
   static constexpr int BAR_OFF = V_OFF + STAGES * TILE_BYTES;
   static constexpr int Q_BAR_OFF = BAR_OFF + 2 * STAGES * 8;  // Q full, then Q empty
   static constexpr int INFO_OFF = Q_BAR_OFF + 16;
-  static constexpr int ITEM_OFF = INFO_OFF + STAGES * 8;  // the current work item (published with the Q barrier)
-  static constexpr int BYTES = ITEM_OFF + 32;
+  static constexpr int ITEM_OFF = INFO_OFF + STAGES * 8;  // work items n and n + 1 (see the entry point)
+  static constexpr int BYTES = ITEM_OFF + 2 * 64;  // two work-item slots of 64 bytes
   static constexpr int ALLOC = BYTES + 1024;  // the dynamic window is re-aligned to 1024 bytes
 };
 
@@ -204,13 +204,22 @@ __device__ __forceinline__ int swizzled(int row, int chunk) {
 // the CTAs (about one per SM) take them in that order from a global counter, each as soon as it can load the next
 // Q: balanced like the hardware's own block scheduling, and CTAs running together work on neighbouring tiles
 // (their K/V meet in L2).
+//
+// An item also carries the start of its key walk: the CSR ranges [ptr, end) of the R <= 2 rows the tile spans and
+// their first columns (NONE: no column). Reading them is a chain of dependent global loads (counter, schedule,
+// cu_seqlens, indptr, indices); the producer does it for the next item while the consumers still work on the
+// current one, so a new item's first copies wait for none of it.
 
 struct Item {
+  static constexpr int NONE = 0x7fffffff;
   int head, q_start, k_start, k_len, past, tile_start, pos_lo, pos_hi;  // valid query rows: [pos_lo, pos_hi)
+  int ptr0, end0, col0, ptr1, end1, col1;
 
   // Item number `item` of the schedule (head = -1: none, item >= num_items).
   __device__ __forceinline__ void load(int item, int num_items, int num_heads, const int* __restrict__ tiles,
-                                       const int* __restrict__ cu_q, const int* __restrict__ cu_k) {
+                                       const int* __restrict__ cu_q, const int* __restrict__ cu_k,
+                                       const int* __restrict__ indptr, const int* __restrict__ indices,
+                                       int num_blocks, int nnz_stride, int block_size) {
     if (item >= num_items) {
       head = -1;
       return;
@@ -226,6 +235,24 @@ struct Item {
     past = k_len - q_len;  // queries are the last q_len key positions
     pos_lo = max(tile_start, past);
     pos_hi = min(tile_start + BLOCK_M, k_len);
+
+    // The CSR rows of the tile's query blocks that hold valid rows (block 64: two rows, one per consumer
+    // warpgroup; block 128: one).
+    const int* row_ptr = indptr + (long long)head * (num_blocks + 1);
+    const int* cols = indices + (long long)head * nnz_stride;
+    ptr0 = end0 = ptr1 = end1 = 0;
+    const int qb = tile_start / block_size;
+    if (qb < num_blocks && qb * block_size < pos_hi && (qb + 1) * block_size > pos_lo) {
+      ptr0 = row_ptr[qb];
+      end0 = row_ptr[qb + 1];
+    }
+    if (BLOCK_M / block_size == 2 && qb + 1 < num_blocks && (qb + 1) * block_size < pos_hi &&
+        (qb + 2) * block_size > pos_lo) {
+      ptr1 = row_ptr[qb + 1];
+      end1 = row_ptr[qb + 2];
+    }
+    col0 = ptr0 < end0 ? cols[ptr0] : NONE;
+    col1 = ptr1 < end1 ? cols[ptr1] : NONE;
   }
 };
 
@@ -235,32 +262,16 @@ struct Item {
 // sub-tiles per column). mask bit r = the column is in row r.
 
 struct KeyWalk {
-  static constexpr int NONE = 0x7fffffff;
+  static constexpr int NONE = Item::NONE;
   const int* cols;
   int ptr0, end0, col0, ptr1, end1, col1;
   int subs, sub, n0, mask, block_size, pos_last;
 
-  __device__ __forceinline__ KeyWalk(const Item& w, const int* __restrict__ indptr, const int* __restrict__ indices,
-                                     int num_blocks, int nnz_stride, int block_size_)
-      : cols(indices + (long long)w.head * nnz_stride), ptr0(0), end0(0), col0(NONE), ptr1(0), end1(0), col1(NONE),
-        subs(block_size_ > BLOCK_N ? block_size_ / BLOCK_N : 1), n0(0), mask(0), block_size(block_size_),
-        pos_last(w.pos_hi - 1) {
-    sub = subs;  // the first next() starts a column
-    const int* row_ptr = indptr + (long long)w.head * (num_blocks + 1);
-    int qb = w.tile_start / block_size;
-    if (qb < num_blocks && qb * block_size < w.pos_hi && (qb + 1) * block_size > w.pos_lo) {
-      ptr0 = row_ptr[qb];
-      end0 = row_ptr[qb + 1];
-      col0 = ptr0 < end0 ? cols[ptr0] : NONE;
-    }
-    ++qb;
-    if (BLOCK_M / block_size == 2 && qb < num_blocks && qb * block_size < w.pos_hi &&
-        (qb + 1) * block_size > w.pos_lo) {  // block 64: the second CSR row of the tile
-      ptr1 = row_ptr[qb];
-      end1 = row_ptr[qb + 1];
-      col1 = ptr1 < end1 ? cols[ptr1] : NONE;
-    }
-  }
+  __device__ __forceinline__ KeyWalk(const Item& w, const int* __restrict__ indices, int nnz_stride,
+                                     int block_size_)
+      : cols(indices + (long long)w.head * nnz_stride), ptr0(w.ptr0), end0(w.end0), col0(w.col0), ptr1(w.ptr1),
+        end1(w.end1), col1(w.col1), subs(block_size_ > BLOCK_N ? block_size_ / BLOCK_N : 1), sub(subs), n0(0),
+        mask(0), block_size(block_size_), pos_last(w.pos_hi - 1) {}  // sub = subs: the first next() starts a column
 
   __device__ __forceinline__ bool next(int& out_n0, int& out_mask) {
     if (sub + 1 < subs && n0 + BLOCK_N <= pos_last) {  // second 64-key half of a 128-key column
@@ -686,6 +697,7 @@ __global__ void __launch_bounds__(cubsattn::sm90::THREADS, 1) blocksparse_prefil
   // the next one is under way: fewer than 5 stages can deadlock.
   static_assert(STAGES >= 5, "the paired consumers need at least 5 ring stages");
   static_assert(HEAD_DIM % 64 == 0, "HEAD_DIM must be a multiple of 64 (128-byte swizzle slabs)");
+  static_assert(2 * sizeof(Item) <= L::BYTES - L::ITEM_OFF, "the work-item slots are too small");
   extern __shared__ unsigned char smem_raw[];
   unsigned char* smem = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
 
@@ -705,26 +717,31 @@ __global__ void __launch_bounds__(cubsattn::sm90::THREADS, 1) blocksparse_prefil
   const int wg = threadIdx.x / 128;
   if (wg == 0) {
     asm volatile("setmaxnreg.dec.sync.aligned.u32 56;\n" ::: "memory");
-    Item* slot = reinterpret_cast<Item*>(smem + L::ITEM_OFF);
+    Item* slots = reinterpret_cast<Item*>(smem + L::ITEM_OFF);
     const unsigned q_full = smem_addr(smem + L::Q_BAR_OFF), q_empty = q_full + 8;
     int it = 0;
-    // Thread 0 draws the following item and reads its schedule entry as soon as it has the current one (the
-    // global round trips overlap the item's copies instead of delaying the next Q), and hands it to the others
-    // in shared memory: the consumers read it there once the Q barrier completes.
-    Item upcoming;
-    if (threadIdx.x == 0) upcoming.load(atomicAdd(next_item, 1), num_items, num_heads, tiles, cu_q, cu_k);
+    // Item n lives in slots[n & 1]. Thread 0 reads each item one ahead (Item::load): it draws the next number as
+    // the current item starts and writes that item's entries once the current item's last tile is issued, while
+    // the consumers work through the ring. The producer warpgroup reads an item after a named barrier, the
+    // consumers once its Q barrier completes; the slot thread 0 fills was last read at the start of item n - 1,
+    // which the consumers have finished (Q empty) before item n began.
+    if (threadIdx.x == 0)
+      slots[0].load(atomicAdd(next_item, 1), num_items, num_heads, tiles, cu_q, cu_k, indptr, indices, num_blocks,
+                    nnz_stride, block_size);
     for (int n = 0;; ++n) {
       if (n > 0) mbar_wait(q_empty, (n - 1) & 1);  // the consumers' last Q K^T of item n - 1 is done
-      if (threadIdx.x == 0) *slot = upcoming;
       asm volatile("bar.sync 3, 128;\n" ::: "memory");  // the producer warpgroup reads the slot
-      const Item w = *slot;
+      const Item w = slots[n & 1];
       if (w.head < 0) {  // no work left: the consumers read the slot and stop
         mbar_arrive(q_full);
         break;
       }
-      if (threadIdx.x == 0) upcoming.load(atomicAdd(next_item, 1), num_items, num_heads, tiles, cu_q, cu_k);
+      const int drawn = threadIdx.x == 0 ? atomicAdd(next_item, 1) : 0;
       produce<T, HEAD_DIM, STAGES>(smem, q, q_tok, q_head, k, k_tok, k_head, v, v_tok, v_head, w, w.head / group,
-                                   KeyWalk(w, indptr, indices, num_blocks, nnz_stride, block_size), it);
+                                   KeyWalk(w, indices, nnz_stride, block_size), it);
+      if (threadIdx.x == 0)
+        slots[(n + 1) & 1].load(drawn, num_items, num_heads, tiles, cu_q, cu_k, indptr, indices, num_blocks,
+                                nnz_stride, block_size);
     }
   } else {
     asm volatile("setmaxnreg.inc.sync.aligned.u32 224;\n" ::: "memory");
@@ -734,10 +751,10 @@ __global__ void __launch_bounds__(cubsattn::sm90::THREADS, 1) blocksparse_prefil
     // Warpgroup 0 takes the first ping-pong turn, and after the last item warpgroup 1's last hand-over (named
     // barrier 1). Doing this per item would let warpgroup 1 arrive twice in a row on barrier 1.
     if (c == 1) named_bar_arrive(1);
-    const Item* slot = reinterpret_cast<const Item*>(smem + L::ITEM_OFF);
+    const Item* slots = reinterpret_cast<const Item*>(smem + L::ITEM_OFF);
     for (int n = 0;; ++n) {
-      mbar_wait(smem_addr(smem + L::Q_BAR_OFF), n & 1);  // Q of item n is in (the slot was written before)
-      const Item w = *slot;
+      mbar_wait(smem_addr(smem + L::Q_BAR_OFF), n & 1);  // Q of item n is in (its slot was written before)
+      const Item w = slots[n & 1];
       if (w.head < 0) break;
       consume<T, HEAD_DIM, STAGES>(smem, out, o_tok, o_head, w, row_bit, scale_log2, c, ring);
     }
