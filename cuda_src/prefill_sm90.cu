@@ -261,6 +261,9 @@ struct Item {
 // 128-row query tile spans (block 64: two rows, one per consumer warpgroup; block 128: one row, two 64-key
 // sub-tiles per column). mask bit r = the column is in row r.
 
+// info[stage].y: the CSR row mask (bits 0-1) and LAST, the item's last tile.
+constexpr int LAST = 4;
+
 struct KeyWalk {
   static constexpr int NONE = Item::NONE;
   const int* cols;
@@ -306,7 +309,8 @@ struct KeyWalk {
 // Producer warpgroup, one work item: all 128 threads copy the Q tile (the consumers are done with the previous
 // item's), then the K/V tiles into the ring. Each copy batch is published (Q full barrier or the stage's full
 // barrier, count 128) one batch late: each thread waits for its own copies of the previous batch, fences them into
-// the async proxy and arrives, so two batches are in flight per thread. A final stage with n0 = -1 ends the item.
+// the async proxy and arrives, so two batches are in flight per thread; the item's last batch is published at once
+// (the next Q waits for the consumers to finish with this one). The last tile carries the LAST flag in its info.
 // `it` counts ring stages across the CTA's items.
 //
 // Q rows: tile row r is query position tile_start + r, valid in [pos_lo, pos_hi) (zeros elsewhere), token
@@ -345,11 +349,18 @@ __device__ __forceinline__ void produce(unsigned char* smem, const T* __restrict
     cp_async_commit();
   }
   unsigned published = base + L::Q_BAR_OFF;  // the barrier of the batch in flight before the current one
-  int n0, mask;
-  while (walk.next(n0, mask)) {
+  // One tile ahead, so that the last tile can be flagged. An item without tiles sends one that no row attends
+  // (mask 0): the consumers' loop then always runs at least once (a path around it, from zeroing O to storing it,
+  // makes ptxas serialise every wgmma of the kernel, C7515).
+  int n0 = 0, mask = 0;
+  walk.next(n0, mask);
+  bool more = true;
+  while (more) {
+    int next_n0, next_mask;
+    more = walk.next(next_n0, next_mask);
     const int stage = it % STAGES;
     mbar_wait(base + L::BAR_OFF + (STAGES + stage) * 8, ((it / STAGES) & 1) ^ 1);  // consumers freed it
-    if (ptid == 0) info[stage] = make_int2(n0, mask);
+    if (ptid == 0) info[stage] = make_int2(n0, more ? mask : mask | LAST);
     const unsigned dk = base + L::K_OFF + stage * L::TILE_BYTES + off0;
     const unsigned dv = base + L::V_OFF + stage * L::TILE_BYTES + off0;
     const T* kp = k_base + (long long)n0 * k_tok;
@@ -379,15 +390,12 @@ __device__ __forceinline__ void produce(unsigned char* smem, const T* __restrict
     mbar_arrive(published);
     published = base + L::BAR_OFF + stage * 8;
     ++it;
+    n0 = next_n0;
+    mask = next_mask;
   }
   cp_async_wait<0>();
   fence_proxy_async();
   mbar_arrive(published);
-  const int stage = it % STAGES;
-  mbar_wait(base + L::BAR_OFF + (STAGES + stage) * 8, ((it / STAGES) & 1) ^ 1);
-  if (ptid == 0) info[stage] = make_int2(-1, 0);
-  mbar_arrive(base + L::BAR_OFF + stage * 8);
-  ++it;
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -449,12 +457,13 @@ __device__ __forceinline__ void release(unsigned empty_bar, const Step& step) {
 }
 
 // One step of NT live tiles (see above). pending: the previous step, whose P V is in flight. first_row: the warp's
-// first query row.
+// first query row. q_empty: the Q empty barrier when this is the item's last step (its Q K^T is the warpgroup's
+// last read of Q: the producer may load the next item's Q during this softmax), else 0.
 template <typename T, int HEAD_DIM, int STAGES, int NT>
 __device__ __forceinline__ void attend(float (&acc)[HEAD_DIM / 64][32], unsigned long long q_desc,
                                        float (&row_max)[2], float (&row_sum)[2], const int (&pos)[2],
                                        unsigned base, const Step& step, const Step& pending, int first_row, int tq,
-                                       float scale_log2, int other_bar) {
+                                       float scale_log2, int other_bar, unsigned q_empty) {
   using L = Layout<HEAD_DIM, STAGES>;
   constexpr int DB = HEAD_DIM / 64;
   constexpr int NS = 32 * NT;  // scores per thread: rows g and g + 8, 8 column pairs per tile
@@ -467,6 +476,7 @@ __device__ __forceinline__ void attend(float (&acc)[HEAD_DIM / 64][32], unsigned
   named_bar_arrive(other_bar);  // the other warpgroup's turn to issue (its softmax ran meanwhile)
   wgmma_wait<0>();
   release(base + L::BAR_OFF + STAGES * 8, pending);
+  if (q_empty) mbar_arrive(q_empty);
 
   // Causal mask where a key can follow a row (the diagonal block and keys past the sequence, which are > every
   // query position). Scores stay unscaled: scale_log2 > 0 keeps -inf and the row maximum.
@@ -596,8 +606,9 @@ __device__ __forceinline__ void consume(unsigned char* smem, T* __restrict__ out
   // turn per pair, live or not, so their turns pair up, across items too (the entry point starts and ends the
   // alternation).
   const int my_bar = 1 + consumer, other_bar = 2 - consumer;
+  const unsigned q_empty = base + L::Q_BAR_OFF + 8;
   Step pending = {0, 0, 0, 0, 0};
-  bool more = true;
+  bool more = true;  // every item sends at least one tile (see produce)
   while (more) {
     // The next pair of ring tiles (one when the walk ends after the first), each live or not here.
     int stage[2], n0[2];
@@ -607,19 +618,16 @@ __device__ __forceinline__ void consume(unsigned char* smem, T* __restrict__ out
     for (int h = 0; h < 2; ++h) {
       mbar_wait(full_bar + ring.stage * 8, ring.phase);
       const int2 tile = info[ring.stage];
-      if (tile.x < 0) {  // end of the walk (the end stage carries no data: free at once)
-        mbar_arrive(empty_bar + ring.stage * 8);
-        ring.advance();
-        more = false;
-        break;
-      }
       stage[h] = ring.stage;
       n0[h] = tile.x;
       live[h] = ((tile.y >> row_bit) & 1) && wg_lo < wg_hi && tile.x < wg_hi;
       ++taken;
       ring.advance();
+      if (tile.y & LAST) {
+        more = false;
+        break;
+      }
     }
-    if (taken == 0) break;
     const bool live0 = live[0], live1 = taken == 2 && live[1];
     if (!live0) mbar_arrive(empty_bar + stage[0] * 8);  // not needed here: released unread
     if (taken == 2 && !live1) mbar_arrive(empty_bar + stage[1] * 8);
@@ -630,22 +638,23 @@ __device__ __forceinline__ void consume(unsigned char* smem, T* __restrict__ out
     step.stage1 = stage[1];
     step.n01 = n0[1];
     named_bar_sync(my_bar);
+    const unsigned q_release = more ? 0u : q_empty;
     if (step.count == 0) {
       wgmma_wait<0>();
       release(empty_bar, pending);
       pending.count = 0;
+      if (q_release) mbar_arrive(q_release);
       named_bar_arrive(other_bar);
       continue;
     }
     if (step.count == 2)
       attend<T, HEAD_DIM, STAGES, 2>(acc, q_desc, row_max, row_sum, pos, base, step, pending, first_row, tq,
-                                     scale_log2, other_bar);
+                                     scale_log2, other_bar, q_release);
     else
       attend<T, HEAD_DIM, STAGES, 1>(acc, q_desc, row_max, row_sum, pos, base, step, pending, first_row, tq,
-                                     scale_log2, other_bar);
+                                     scale_log2, other_bar, q_release);
     pending = step;
   }
-  mbar_arrive(base + L::Q_BAR_OFF + 8);  // every Q K^T of this item has completed (attend waits for each)
   wgmma_wait<0>();
   release(empty_bar, pending);
 
