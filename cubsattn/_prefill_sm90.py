@@ -23,7 +23,7 @@ BLOCK_SIZES = (64, 128)
 #: K/V ring depth per head size: stages of 64-key K and V tiles, 16 KB (D 64) / 32 KB (D 128) each, beside the
 #: 128-row Q tile (16 / 32 KB); a consumer warpgroup holds up to four (the pending pair's P V and the current pair),
 #: the rest is the producer's prefetch (at least 5: prefill_sm90.cu).
-STAGES = {64: 8, 128: 6}
+STAGES = {64: 8, 128: 5}
 #: Query rows per CTA (two consumer warpgroups of 64) and threads per CTA (plus one producer warpgroup).
 BLOCK_M = 128
 THREADS = 384
@@ -49,7 +49,7 @@ def smem_bytes(head_size: int) -> int:
     1024 bytes to re-align the window to the swizzle pattern."""
     stages = STAGES[head_size]
     tile = 64 * head_size * 2
-    return 2 * tile + 2 * stages * tile + 2 * stages * 8 + 16 + stages * 8 + 128 + 1024
+    return 4 * tile + 2 * stages * tile + 2 * stages * 8 + 32 + stages * 8 + 3 * 64 + 1024
 
 
 _COUNTERS: dict = {}

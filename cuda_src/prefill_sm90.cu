@@ -183,14 +183,15 @@ __device__ __forceinline__ float exp2_approx(float x) {
 template <int HEAD_DIM, int STAGES> struct Layout {
   static constexpr int TILE_BYTES = BLOCK_N * HEAD_DIM * 2;
   static constexpr int SLAB_BYTES = BLOCK_N * 128;  // one 64-column slab of a tile
-  static constexpr int Q_OFF = 0;
-  static constexpr int K_OFF = 2 * TILE_BYTES;
+  static constexpr int Q_OFF = 0;  // two Q buffers (items alternate), each a tile per consumer warpgroup
+  static constexpr int K_OFF = 4 * TILE_BYTES;
   static constexpr int V_OFF = K_OFF + STAGES * TILE_BYTES;
   static constexpr int BAR_OFF = V_OFF + STAGES * TILE_BYTES;
-  static constexpr int Q_BAR_OFF = BAR_OFF + 2 * STAGES * 8;  // Q full, then Q empty
-  static constexpr int INFO_OFF = Q_BAR_OFF + 16;
+  static constexpr int Q_BAR_OFF = BAR_OFF + 2 * STAGES * 8;  // per Q buffer a full, then per buffer an empty
+  static constexpr int INFO_OFF = Q_BAR_OFF + 32;
   static constexpr int ITEM_OFF = INFO_OFF + STAGES * 8;  // work items n and n + 1 (see the entry point)
-  static constexpr int BYTES = ITEM_OFF + 2 * 64;  // two work-item slots of 64 bytes
+  static constexpr int ITEM_SLOTS = 3;  // items n, n + 1 and n + 2 (see the entry point)
+  static constexpr int BYTES = ITEM_OFF + ITEM_SLOTS * 64;
   static constexpr int ALLOC = BYTES + 1024;  // the dynamic window is re-aligned to 1024 bytes
 };
 
@@ -320,7 +321,7 @@ template <typename T, int HEAD_DIM, int STAGES>
 __device__ __forceinline__ void produce(unsigned char* smem, const T* __restrict__ q, long long q_tok, int q_head,
                                         const T* __restrict__ k, long long k_tok, int k_head,
                                         const T* __restrict__ v, long long v_tok, int v_head, const Item& w,
-                                        int kv_head, KeyWalk walk, int& it) {
+                                        int kv_head, KeyWalk walk, int qbuf, int& it) {
   using L = Layout<HEAD_DIM, STAGES>;
   constexpr int CHUNKS = HEAD_DIM / 8;       // 16-byte chunks per key row
   constexpr int ROWS_PER_PASS = 128 / CHUNKS;  // key rows the warpgroup copies per pass (8 or 16)
@@ -339,16 +340,20 @@ __device__ __forceinline__ void produce(unsigned char* smem, const T* __restrict
 
   {
     const T* qp = q + (long long)w.head * q_head + c * 8;
+    const unsigned q_dst = base + L::Q_OFF + qbuf * 2 * L::TILE_BYTES + off0;
+    static_assert(BLOCK_N % ROWS_PER_PASS == 0, "a pass must not straddle the two Q halves");
 #pragma unroll
     for (int p = 0; p < BLOCK_M / ROWS_PER_PASS; ++p) {
-      const int row = r0 + p * ROWS_PER_PASS, pos = w.tile_start + row;
+      // Row r0 + p * ROWS_PER_PASS (r0 < ROWS_PER_PASS, which divides 64): its half and row within the half are
+      // compile-time offsets from the thread's first row.
+      const int pos = w.tile_start + r0 + p * ROWS_PER_PASS;
       const bool valid = pos >= w.pos_lo && pos < w.pos_hi;
-      const unsigned dst = base + L::Q_OFF + (row / BLOCK_N) * L::TILE_BYTES + off0 + (row % BLOCK_N - r0) * 128;
+      const unsigned dst = q_dst + (p * ROWS_PER_PASS / BLOCK_N) * L::TILE_BYTES + (p * ROWS_PER_PASS % BLOCK_N) * 128;
       cp_async_16(dst, valid ? qp + (long long)(w.q_start + pos - w.past) * q_tok : q, valid);
     }
     cp_async_commit();
   }
-  unsigned published = base + L::Q_BAR_OFF;  // the barrier of the batch in flight before the current one
+  unsigned published = base + L::Q_BAR_OFF + qbuf * 8;  // the barrier of the batch in flight before the current one
   // One tile ahead, so that the last tile can be flagged. An item without tiles sends one that no row attends
   // (mask 0): the consumers' loop then always runs at least once (a path around it, from zeroing O to storing it,
   // makes ptxas serialise every wgmma of the kernel, C7515).
@@ -565,7 +570,7 @@ template <int STAGES> struct RingCursor {
 // A consumer warpgroup's part of one work item (the ring cursor runs on across items).
 template <typename T, int HEAD_DIM, int STAGES>
 __device__ __forceinline__ void consume(unsigned char* smem, T* __restrict__ out, long long o_tok, int o_head,
-                                        const Item& w, int row_bit, float scale_log2, int consumer,
+                                        const Item& w, int qbuf, int row_bit, float scale_log2, int consumer,
                                         RingCursor<STAGES>& ring) {
   using L = Layout<HEAD_DIM, STAGES>;
   constexpr int DB = HEAD_DIM / 64;  // 64-column output slabs
@@ -588,7 +593,8 @@ __device__ __forceinline__ void consume(unsigned char* smem, T* __restrict__ out
   const int first_row = row0 + warp * 16;
 
   // Q K^T reads this warpgroup's Q tile from shared memory (the producer's first batch; the caller waited for it).
-  const unsigned long long q_desc = smem_desc(base + L::Q_OFF + consumer * L::TILE_BYTES, 16, 1024);
+  const unsigned long long q_desc =
+      smem_desc(base + L::Q_OFF + (2 * qbuf + consumer) * L::TILE_BYTES, 16, 1024);
 
   float acc[DB][32];
 #pragma unroll
@@ -606,7 +612,7 @@ __device__ __forceinline__ void consume(unsigned char* smem, T* __restrict__ out
   // turn per pair, live or not, so their turns pair up, across items too (the entry point starts and ends the
   // alternation).
   const int my_bar = 1 + consumer, other_bar = 2 - consumer;
-  const unsigned q_empty = base + L::Q_BAR_OFF + 8;
+  const unsigned q_empty = base + L::Q_BAR_OFF + 16 + qbuf * 8;
   Step pending = {0, 0, 0, 0, 0};
   bool more = true;  // every item sends at least one tile (see produce)
   while (more) {
@@ -706,7 +712,7 @@ __global__ void __launch_bounds__(cubsattn::sm90::THREADS, 1) blocksparse_prefil
   // the next one is under way: fewer than 5 stages can deadlock.
   static_assert(STAGES >= 5, "the paired consumers need at least 5 ring stages");
   static_assert(HEAD_DIM % 64 == 0, "HEAD_DIM must be a multiple of 64 (128-byte swizzle slabs)");
-  static_assert(2 * sizeof(Item) <= L::BYTES - L::ITEM_OFF, "the work-item slots are too small");
+  static_assert(L::ITEM_SLOTS * sizeof(Item) <= L::BYTES - L::ITEM_OFF, "the work-item slots are too small");
   extern __shared__ unsigned char smem_raw[];
   unsigned char* smem = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
 
@@ -716,41 +722,47 @@ __global__ void __launch_bounds__(cubsattn::sm90::THREADS, 1) blocksparse_prefil
       mbar_init(bars + s * 8, 128);                        // full: every producer thread
       mbar_init(bars + (STAGES + s) * 8, 32 * CONSUMER_WARPS);  // empty: every consumer thread
     }
-    mbar_init(smem_addr(smem + L::Q_BAR_OFF), 128);                      // Q full: every producer thread
-    mbar_init(smem_addr(smem + L::Q_BAR_OFF + 8), 32 * CONSUMER_WARPS);  // Q empty: every consumer thread
+    for (int b = 0; b < 2; ++b) {
+      mbar_init(smem_addr(smem + L::Q_BAR_OFF + b * 8), 128);                      // Q full: every producer thread
+      mbar_init(smem_addr(smem + L::Q_BAR_OFF + 16 + b * 8), 32 * CONSUMER_WARPS);  // Q empty: every consumer thread
+    }
   }
   __syncthreads();
 
   // Registers: 384 threads start with 168 each; the producer needs few, the consumers (O, a pair's scores and P)
-  // more: 128 x 56 + 256 x 224 = 384 x 168 (the pool a CTA starts with; 40 spills in the producer).
+  // more: 128 x 56 + 256 x 224 = 384 x 168 (the pool a CTA starts with).
+  //
+  // Item n uses Q buffer n & 1 and work-item slot n % 3. The producer loads item n + 1's Q and first tiles while
+  // the consumers finish item n; it waits only for item n - 1 to release the buffer.
   const int wg = threadIdx.x / 128;
   if (wg == 0) {
     asm volatile("setmaxnreg.dec.sync.aligned.u32 56;\n" ::: "memory");
     Item* slots = reinterpret_cast<Item*>(smem + L::ITEM_OFF);
-    const unsigned q_full = smem_addr(smem + L::Q_BAR_OFF), q_empty = q_full + 8;
+    const unsigned q_full = smem_addr(smem + L::Q_BAR_OFF), q_empty = q_full + 16;
     int it = 0;
-    // Item n lives in slots[n & 1]. Thread 0 reads each item one ahead (Item::load): it draws the next number as
-    // the current item starts and writes that item's entries once the current item's last tile is issued, while
-    // the consumers work through the ring. The producer warpgroup reads an item after a named barrier, the
-    // consumers once its Q barrier completes; the slot thread 0 fills was last read at the start of item n - 1,
-    // which the consumers have finished (Q empty) before item n began.
+    // Thread 0 reads each item one ahead (Item::load): it draws the next number as the current item starts and
+    // writes that item's entries once the current item's last tile is issued, while the consumers work through
+    // the ring. The producer warpgroup reads an item after a named barrier, the consumers once its Q barrier
+    // completes. Slot (n + 1) % 3 was last read at the start of item n - 2, whose Q buffer the producer has since
+    // seen released: the consumers are past it.
     if (threadIdx.x == 0)
       slots[0].load(atomicAdd(next_item, 1), num_items, num_heads, tiles, cu_q, cu_k, indptr, indices, num_blocks,
                     nnz_stride, block_size);
-    for (int n = 0;; ++n) {
-      if (n > 0) mbar_wait(q_empty, (n - 1) & 1);  // the consumers' last Q K^T of item n - 1 is done
+    for (int n = 0, slot = 0;; ++n, slot = slot == L::ITEM_SLOTS - 1 ? 0 : slot + 1) {
+      const int qbuf = n & 1;
+      if (n >= 2) mbar_wait(q_empty + qbuf * 8, ((n >> 1) - 1) & 1);  // item n - 2's last Q K^T is done
       asm volatile("bar.sync 3, 128;\n" ::: "memory");  // the producer warpgroup reads the slot
-      const Item w = slots[n & 1];
+      const Item w = slots[slot];
       if (w.head < 0) {  // no work left: the consumers read the slot and stop
-        mbar_arrive(q_full);
+        mbar_arrive(q_full + qbuf * 8);
         break;
       }
       const int drawn = threadIdx.x == 0 ? atomicAdd(next_item, 1) : 0;
       produce<T, HEAD_DIM, STAGES>(smem, q, q_tok, q_head, k, k_tok, k_head, v, v_tok, v_head, w, w.head / group,
-                                   KeyWalk(w, indices, nnz_stride, block_size), it);
+                                   KeyWalk(w, indices, nnz_stride, block_size), qbuf, it);
       if (threadIdx.x == 0)
-        slots[(n + 1) & 1].load(drawn, num_items, num_heads, tiles, cu_q, cu_k, indptr, indices, num_blocks,
-                                nnz_stride, block_size);
+        slots[slot == L::ITEM_SLOTS - 1 ? 0 : slot + 1].load(drawn, num_items, num_heads, tiles, cu_q, cu_k, indptr,
+                                                             indices, num_blocks, nnz_stride, block_size);
     }
   } else {
     asm volatile("setmaxnreg.inc.sync.aligned.u32 224;\n" ::: "memory");
@@ -761,11 +773,12 @@ __global__ void __launch_bounds__(cubsattn::sm90::THREADS, 1) blocksparse_prefil
     // barrier 1). Doing this per item would let warpgroup 1 arrive twice in a row on barrier 1.
     if (c == 1) named_bar_arrive(1);
     const Item* slots = reinterpret_cast<const Item*>(smem + L::ITEM_OFF);
-    for (int n = 0;; ++n) {
-      mbar_wait(smem_addr(smem + L::Q_BAR_OFF), n & 1);  // Q of item n is in (its slot was written before)
-      const Item w = slots[n & 1];
+    for (int n = 0, slot = 0;; ++n, slot = slot == L::ITEM_SLOTS - 1 ? 0 : slot + 1) {
+      const int qbuf = n & 1;
+      mbar_wait(smem_addr(smem + L::Q_BAR_OFF + qbuf * 8), (n >> 1) & 1);  // Q of item n is in (and its slot)
+      const Item w = slots[slot];
       if (w.head < 0) break;
-      consume<T, HEAD_DIM, STAGES>(smem, out, o_tok, o_head, w, row_bit, scale_log2, c, ring);
+      consume<T, HEAD_DIM, STAGES>(smem, out, o_tok, o_head, w, qbuf, row_bit, scale_log2, c, ring);
     }
     if (c == 0) named_bar_sync(1);
   }
