@@ -173,9 +173,9 @@ __device__ __forceinline__ float exp2_approx(float x) {
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// Shared memory: the CTA's Q tile (one 64-row tile per consumer warpgroup), STAGES x K tiles, STAGES x V tiles,
-// then per stage a full and an empty mbarrier, the Q full and empty mbarriers, per stage the tile's (n0, mask), and
-// the CTA's current and next work items.
+// Shared memory: two Q buffers (consecutive items alternate; one 64-row tile per consumer warpgroup), STAGES x K
+// tiles, STAGES x V tiles, then per stage a full and an empty mbarrier, per Q buffer a full and an empty mbarrier,
+// per stage the tile's (n0, flags), and three work-item slots.
 // A tile is [D/64][64 rows][64 elements]: each row of a 64-column slab is 128 bytes whose 16-byte chunks are
 // XOR-swizzled by (row & 7), the canonical 128B-swizzle layout that wgmma reads as K-major (Q and K in Q K^T) and
 // as N-major (V in P V).
@@ -307,11 +307,12 @@ struct KeyWalk {
 };
 
 // ---------------------------------------------------------------------------------------------------------------
-// Producer warpgroup, one work item: all 128 threads copy the Q tile (the consumers are done with the previous
-// item's), then the K/V tiles into the ring. Each copy batch is published (Q full barrier or the stage's full
-// barrier, count 128) one batch late: each thread waits for its own copies of the previous batch, fences them into
-// the async proxy and arrives, so two batches are in flight per thread; the item's last batch is published at once
-// (the next Q waits for the consumers to finish with this one). The last tile carries the LAST flag in its info.
+// Producer warpgroup, one work item: all 128 threads copy the Q tile into Q buffer qbuf (the consumers are done
+// with the item before the previous one), then the K/V tiles into the ring. Each copy batch is published (Q full
+// barrier or the stage's full barrier, count 128) one batch late: each thread waits for its own copies of the
+// previous batch, fences them into the async proxy and arrives, so two batches are in flight per thread. The item's
+// last batch is published at once: thread 0 reads the next item before the next batch is issued, and the consumers
+// should not wait for that. The last tile carries the LAST flag in its info.
 // `it` counts ring stages across the CTA's items.
 //
 // Q rows: tile row r is query position tile_start + r, valid in [pos_lo, pos_hi) (zeros elsewhere), token
@@ -592,7 +593,7 @@ __device__ __forceinline__ void consume(unsigned char* smem, T* __restrict__ out
   const int wg_lo = max(row0, pos_lo), wg_hi = min(row0 + 64, pos_hi);  // valid rows of this warpgroup
   const int first_row = row0 + warp * 16;
 
-  // Q K^T reads this warpgroup's Q tile from shared memory (the producer's first batch; the caller waited for it).
+  // Q K^T reads this warpgroup's Q tile from Q buffer qbuf (the producer's first batch; the caller waited for it).
   const unsigned long long q_desc =
       smem_desc(base + L::Q_OFF + (2 * qbuf + consumer) * L::TILE_BYTES, 16, 1024);
 
