@@ -77,82 +77,62 @@ __device__ __forceinline__ unsigned long long smem_desc(unsigned addr, unsigned 
          ((unsigned long long)(sbo >> 4) << 32) | (1ull << 62);
 }
 
-// The 32 fp32 accumulator registers of an m64n64 wgmma (per thread).
-#define CUBSATTN_WGMMA_ACC32                                                                                  \
-  "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]),   \
-      "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]),     \
-      "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]),    \
-      "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+// Accumulator operands: 8 / 32 consecutive fp32 registers of d from index o (an m64nN wgmma keeps N / 2 per thread).
+#define CUBSATTN_ACC8(o)                                                                                        \
+  "+f"(d[(o) + 0]), "+f"(d[(o) + 1]), "+f"(d[(o) + 2]), "+f"(d[(o) + 3]), "+f"(d[(o) + 4]), "+f"(d[(o) + 5]),  \
+      "+f"(d[(o) + 6]), "+f"(d[(o) + 7])
+#define CUBSATTN_ACC32(o) CUBSATTN_ACC8(o), CUBSATTN_ACC8((o) + 8), CUBSATTN_ACC8((o) + 16), CUBSATTN_ACC8((o) + 24)
+// PTX operand lists {%0, ..., %31} and {%0, ..., %63}.
+#define CUBSATTN_D32                                                                                            \
+  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, "  \
+  "%23, %24, %25, %26, %27, %28, %29, %30, %31}"
+#define CUBSATTN_D64                                                                                            \
+  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, "  \
+  "%23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, "   \
+  "%44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}"
 
-// d (64x64 fp32) (+)= a (64x16, K-major shared memory descriptor) * b (16x64, K-major shared memory descriptor):
-// Q K^T with Q and K in shared memory (accumulate = 0 starts a new score tile).
-#define CUBSATTN_WGMMA_M64N64K16_SS(TYPE)                                                                       \
-  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"                                                  \
-               "wgmma.mma_async.sync.aligned.m64n64k16.f32." TYPE "." TYPE " "                               \
-               "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, "  \
-               "%20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, 0, 0;\n}\n"     \
-               : CUBSATTN_WGMMA_ACC32                                                                         \
-               : "l"(a_desc), "l"(b_desc), "r"(accumulate))
-
-// d (64x64 fp32) += a (64x16, registers) * b (16x64, N-major shared memory descriptor): P V per 64-column slab.
-#define CUBSATTN_WGMMA_M64N64K16_RS(TYPE)                                                                       \
-  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"                                                  \
-               "wgmma.mma_async.sync.aligned.m64n64k16.f32." TYPE "." TYPE " "                               \
-               "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, "  \
-               "%20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, {%32, %33, %34, %35}, %36, p, 1, " \
-               "1, 1;\n}\n"                                                                                   \
-               : CUBSATTN_WGMMA_ACC32                                                                         \
-               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(accumulate))
-
+// The wgmma shapes the kernel uses, for element type CTYPE (PTX type TYPE):
+// - ss: d (64x64 fp32) (+)= a (64x16, K-major shared memory descriptor) * b (16x64, K-major shared memory
+//   descriptor): Q K^T with Q and K in shared memory (accumulate = 0 starts a new score tile).
+// - rs: d (64x64 fp32) += a (64x16, registers) * b (16x64, N-major shared memory descriptor): P V per 64-column
+//   slab.
+// - n128: d (64x128 fp32) += a (64x16, registers) * b (16x128, N-major shared memory descriptor): P V for D = 128 in
+//   one instruction per 16 keys (both 64-column slabs of V, the leading byte offset stepping from one to the other).
 template <typename T> struct Wgmma;
-template <> struct Wgmma<__nv_bfloat16> {
-  static __device__ __forceinline__ void ss(float (&d)[32], unsigned long long a_desc, unsigned long long b_desc,
-                                            int accumulate) {
-    CUBSATTN_WGMMA_M64N64K16_SS("bf16");
-  }
-  static __device__ __forceinline__ void rs(float (&d)[32], const unsigned (&a)[4], unsigned long long desc,
-                                            int accumulate) {
-    CUBSATTN_WGMMA_M64N64K16_RS("bf16");
-  }
-};
-template <> struct Wgmma<__half> {
-  static __device__ __forceinline__ void ss(float (&d)[32], unsigned long long a_desc, unsigned long long b_desc,
-                                            int accumulate) {
-    CUBSATTN_WGMMA_M64N64K16_SS("f16");
-  }
-  static __device__ __forceinline__ void rs(float (&d)[32], const unsigned (&a)[4], unsigned long long desc,
-                                            int accumulate) {
-    CUBSATTN_WGMMA_M64N64K16_RS("f16");
-  }
-};
-#undef CUBSATTN_WGMMA_M64N64K16_SS
-#undef CUBSATTN_WGMMA_M64N64K16_RS
-#undef CUBSATTN_WGMMA_ACC32
-
-// d (64x128 fp32) += a (64x16, registers) * b (16x128, N-major shared memory descriptor): P V for D = 128 in one
-// instruction per 16 keys (both 64-column slabs of V, the leading byte offset stepping from one to the other).
-#define CUBSATTN_WGMMA_M64N128K16_NMAJOR(TYPE)                                                                  \
-  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"                                                  \
-               "wgmma.mma_async.sync.aligned.m64n128k16.f32." TYPE "." TYPE " "                              \
-               "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "                                                                  \
-               "{%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"                                                 \
-               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])                                                                           \
-               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(accumulate))
-
-template <typename T> struct WgmmaN128;
-template <> struct WgmmaN128<__nv_bfloat16> {
-  static __device__ __forceinline__ void run(float (&d)[64], const unsigned (&a)[4], unsigned long long desc,
-                                             int accumulate) {
-    CUBSATTN_WGMMA_M64N128K16_NMAJOR("bf16");
-  }
-};
-template <> struct WgmmaN128<__half> {
-  static __device__ __forceinline__ void run(float (&d)[64], const unsigned (&a)[4], unsigned long long desc,
-                                             int accumulate) {
-    CUBSATTN_WGMMA_M64N128K16_NMAJOR("f16");
-  }
-};
-#undef CUBSATTN_WGMMA_M64N128K16_NMAJOR
+#define CUBSATTN_WGMMA(CTYPE, TYPE)                                                                             \
+  template <> struct Wgmma<CTYPE> {                                                                             \
+    static __device__ __forceinline__ void ss(float (&d)[32], unsigned long long a_desc,                        \
+                                              unsigned long long b_desc, int accumulate) {                      \
+      asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"                                                \
+                   "wgmma.mma_async.sync.aligned.m64n64k16.f32." TYPE "." TYPE " " CUBSATTN_D32                \
+                   ", %32, %33, p, 1, 1, 0, 0;\n}\n"                                                            \
+                   : CUBSATTN_ACC32(0)                                                                          \
+                   : "l"(a_desc), "l"(b_desc), "r"(accumulate));                                                \
+    }                                                                                                           \
+    static __device__ __forceinline__ void rs(float (&d)[32], const unsigned (&a)[4], unsigned long long desc,  \
+                                              int accumulate) {                                                 \
+      asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"                                                \
+                   "wgmma.mma_async.sync.aligned.m64n64k16.f32." TYPE "." TYPE " " CUBSATTN_D32                \
+                   ", {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"                                              \
+                   : CUBSATTN_ACC32(0)                                                                          \
+                   : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(accumulate));                   \
+    }                                                                                                           \
+    static __device__ __forceinline__ void n128(float (&d)[64], const unsigned (&a)[4], unsigned long long desc, \
+                                                int accumulate) {                                               \
+      asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"                                                \
+                   "wgmma.mma_async.sync.aligned.m64n128k16.f32." TYPE "." TYPE " " CUBSATTN_D64               \
+                   ", {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"                                              \
+                   : CUBSATTN_ACC32(0), CUBSATTN_ACC32(32)                                                      \
+                   : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(accumulate));                   \
+    }                                                                                                           \
+  };
+CUBSATTN_WGMMA(__nv_bfloat16, "bf16")
+CUBSATTN_WGMMA(__half, "f16")
+#undef CUBSATTN_WGMMA
+#undef CUBSATTN_D64
+#undef CUBSATTN_D32
+#undef CUBSATTN_ACC32
+#undef CUBSATTN_ACC8
 
 // Two fp32 values rounded to one packed fp16x2 / bf16x2 register (lo in the low half).
 template <typename T> __device__ __forceinline__ unsigned pack2(float lo, float hi);
@@ -440,7 +420,7 @@ __device__ __forceinline__ void issue_pv(float (&acc)[HEAD_DIM / 64][32], const 
   if constexpr (HEAD_DIM == 128) {
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk)
-      WgmmaN128<T>::run(reinterpret_cast<float(&)[64]>(acc), pf[kk], desc + ((kk * 16 * 128) >> 4), 1);
+      Wgmma<T>::n128(reinterpret_cast<float(&)[64]>(acc), pf[kk], desc + ((kk * 16 * 128) >> 4), 1);
   } else {
 #pragma unroll
     for (int b = 0; b < HEAD_DIM / 64; ++b)
