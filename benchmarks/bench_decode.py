@@ -7,10 +7,14 @@ K and V) / time. SDPA: one query token on contiguous [S, H, L, D] K/V of the sam
 time. Times are per Python call (events around each call, host overhead included); "graph" columns replay the
 same call captured in a CUDA graph (cubsattn and SDPA alike: GPU time only, as a decode step under graph capture
 runs). Also: the sparse time with physical blocks in logical order (contig), cubsattn dense (vert_stride 0) on all
-bytes, fp8 cache on its (halved) needed bytes, and a split sweep.
+bytes, fp8 cache on its (halved) needed bytes, and a split sweep (the heuristic's neighbours, or --sweep's counts).
+With --baseline DIR (a checkout of an earlier commit, e.g. a `git archive` snapshot), that checkout's
+cuda_src/decode.cu is compiled too and launched through the current launch plans (its DecodeParams and shared-memory
+carve-up must match), alternating with the current kernels on the same inputs: graph-replay ms of both, in one process.
 Every cache is far larger than L2. Times: median of CUDA-event-timed runs after warm-up. torch only here.
 
     python benchmarks/bench_decode.py [--configs 64x8k,16x32k,256x2k,1x128k] [--no-peers] [--no-sweep]
+                                      [--sweep 4,5,6,8] [--baseline DIR]
 """
 
 from __future__ import annotations
@@ -96,6 +100,47 @@ def needed_blocks(seq_len: int) -> int:
     return int(active.reshape(KV_HEADS, group, -1).any(axis=1).sum())
 
 
+def baseline_module(root):
+    """``root``/cuda_src/decode.cu compiled as the library compiles its own (same options and instantiations)."""
+    from pathlib import Path
+
+    import cupy
+
+    from cubsattn import _decode_cuda, _kernels
+
+    src = Path(root) / "cuda_src"
+    options = ("--std=c++17", f"-I{src}", *(f"-I{d}" for d in _kernels.cuda_include_dirs()),
+               *_decode_cuda.SOURCE.extra_options)
+    return cupy.RawModule(code=(src / "decode.cu").read_text(), options=options,
+                          name_expressions=list(_decode_cuda.SOURCE.name_expressions))
+
+
+def ab_graph_ms(module, arrays, *, fp8, splits, sparse):
+    """Graph-replay ms of the current kernel and of ``module``'s (the baseline), twice each, alternating: one launch
+    plan (the current launcher's), so only the kernel differs."""
+    import cupy
+
+    from cubsattn import _decode_cuda, _kernels
+
+    query, kc, vc, bt, sl, out = arrays
+    ctx = int(bt.shape[1]) * CACHE_BS
+    rule = dict(local_blocks=LOCAL, vert_stride=VERT, sparse_block=BLOCK) if sparse else dict(
+        local_blocks=0, vert_stride=0, sparse_block=1)
+    plan = _decode_cuda.plan_of(query, kc, bt, max_seq_len=ctx, context_len=ctx, fp8=fp8, scale=1 / D, k_scale=1.0,
+                                v_scale=1.0, tp_rank=0, sliding_step=STEP, num_splits=splits, **rule)
+    bulk = not fp8 and int(cupy.cuda.Device().compute_capability) >= _decode_cuda.BULK_MIN_CC
+    name = _decode_cuda._kernel_name(_kernels.ctype(query.dtype), D, fp8, _decode_cuda.group_width(HEADS // KV_HEADS),
+                                     bulk)
+    base = module.get_function(name)
+    base.max_dynamic_shared_size_bytes = plan[3]
+    plans = {"new": plan, "base": (base, *plan[1:])}
+    times = {"new": [], "base": []}
+    for _ in range(2):
+        for key, p in plans.items():
+            times[key].append(time_graph(lambda: _decode_cuda.launch_plan(p, query, kc, vc, bt, sl, out)))
+    return times
+
+
 def run(args):
     import cupy
 
@@ -118,6 +163,10 @@ def run(args):
     print(f"{'config':>8} {'frac':>5} {'splits':>6} {'sparse ms':>9} {'eff TB/s':>8} {'SDPA ms':>8} {'SDPA TB/s':>9} "
           f"{'ratio':>5} {'graph ms':>8} {'SDPA gr':>8} {'g ratio':>7} {'contig ms':>9} {'dense ms':>8} {'dense TB/s':>10} {'fp8 ms':>7} {'fp8 TB/s':>8}")
     sweeps = []
+    ab_rows = []
+    module = baseline_module(args.baseline) if args.baseline else None
+    if module is not None:
+        print(f"baseline: {args.baseline}/cuda_src/decode.cu (graph ms of two alternating passes per kernel)")
     for name in args.configs.split(","):
         num_seqs, ctx = CONFIGS[name]
         nblk = ctx // CACHE_BS
@@ -148,17 +197,27 @@ def run(args):
         t_contig = time_cuda(call(kc, vc))
         common = (block_tables, seq_lens, ctx)
         t_dense = time_cuda(call(kc, vc, sparse=False))
+        least = _decode_cuda.min_num_splits(ctx, CACHE_BS)
+        counts = [int(c) for c in args.sweep.split(",")] if args.sweep else [
+            least, 2 * least, 4 * least, splits // 2, splits, splits * 2, 8 * least, 32 * least, 128 * least]
+        counts = sorted({c for c in counts if least <= c <= min(nblk, 1024)})
         if not args.no_sweep:
-            least = _decode_cuda.min_num_splits(ctx, CACHE_BS)
-            for s in sorted({least, 2 * least, 4 * least, splits // 2, splits, splits * 2, 8 * least,
-                             32 * least, 128 * least}):
-                if least <= s <= min(nblk, 1024):
-                    sweeps.append((name, s, time_cuda(call(kc, vc, splits=s), repeat=15)))
+            for s in counts:
+                sweeps.append((name, s, time_cuda(call(kc, vc, splits=s), repeat=15)))
+        if module is not None:
+            arrays = (query, kc, vc, block_tables, seq_lens, out)
+            for s in sorted({splits, *counts}):
+                ab_rows.append((name, "sparse", s, ab_graph_ms(module, arrays, fp8=False, splits=s, sparse=True)))
+            ab_rows.append((name, "dense", splits, ab_graph_ms(module, arrays, fp8=False, splits=splits, sparse=False)))
         del kc, vc
         cupy.get_default_memory_pool().free_all_blocks()
         k8 = random_fp8(rs, (num_blocks, KV_HEADS, D // 16, CACHE_BS, 16))
         v8 = random_fp8(rs, (num_blocks, KV_HEADS, D, CACHE_BS))
         t_fp8 = time_cuda(call(k8, v8, dtype="fp8"))
+        if module is not None:
+            arrays = (query, k8, v8, block_tables, seq_lens, out)
+            for s in sorted({splits, *counts}):
+                ab_rows.append((name, "fp8", s, ab_graph_ms(module, arrays, fp8=True, splits=s, sparse=True)))
         del k8, v8
         cupy.get_default_memory_pool().free_all_blocks()
         t_sdpa = t_sdpa_graph = float("nan")
@@ -182,6 +241,11 @@ def run(args):
               f"{sdpa_bw:9.2f} {eff / sdpa_bw:5.2f} {t_graph:8.3f} {t_sdpa_graph:8.3f} {graph_ratio:7.2f} "
               f"{t_contig:9.3f} {t_dense:8.3f} {all_bytes / t_dense / 1e9:10.2f} "
               f"{t_fp8:7.3f} {need_bytes / 2 / t_fp8 / 1e9:8.2f}", flush=True)
+        for _, kind, s, t in ab_rows:  # this configuration's baseline comparison, printed now in case a later one fails
+            new, base = statistics.median(t["new"]), statistics.median(t["base"])
+            print(f"    vs baseline, graph ms: {kind:>6} {s:4d} splits  new {' '.join(f'{x:.4f}' for x in t['new'])}"
+                  f"  base {' '.join(f'{x:.4f}' for x in t['base'])}  new/base {new / base:.3f}", flush=True)
+        ab_rows.clear()
         del query, out, block_tables, seq_lens
         cupy.get_default_memory_pool().free_all_blocks()
     if sweeps:
@@ -195,6 +259,8 @@ def main():
     ap.add_argument("--configs", default=",".join(CONFIGS))
     ap.add_argument("--no-peers", action="store_true")
     ap.add_argument("--no-sweep", action="store_true")
+    ap.add_argument("--sweep", help="comma-separated split counts for the sweep (and the baseline comparison)")
+    ap.add_argument("--baseline", help="checkout of an earlier commit whose decode kernels to compare")
     run(ap.parse_args())
 
 

@@ -28,8 +28,10 @@ BULK_MIN_CC = 90
 #: 16x32k / 256x2k): 2 stages 0.352 / 0.312 / 0.419, 3 stages 0.329 / 0.317 / 0.418, 6 stages (one CTA per SM)
 #: 0.340 / 0.322 / 0.437: more bytes in flight than 2 x 2 x 32 KB per SM buys nothing.
 BULK_STAGES = {64: 6, 80: 4, 96: 4, 128: 3, 256: 3}
-#: Mirrors decode.cu: tokens per pipeline stage (CUDA-core fp8 kernel / tensor-core kernel) and the longest split (in
-#: cache blocks) one CTA can list.
+#: Mirrors decode.cu: tokens per pipeline stage (CUDA-core fp8 kernel / tensor-core kernel) and the capacity of a
+#: CTA's block list: the most cache blocks one split may need. A split needs at most ``chunk_blocks`` = ceil(context
+#: blocks / splits) of them (decode.cu ``split_range``: equal ranges of that many blocks, or for the fp8 kernel equal
+#: shares of the blocks the sparse rule needs, which may span more).
 STAGE_TOKENS = 32
 MMA_STAGE_TOKENS = 64
 MAX_SPLIT_BLOCKS = 512
@@ -97,7 +99,7 @@ def smem_bytes(head_size: int, fp8: bool, width: int, bulk: bool = False) -> int
 
 
 def min_num_splits(context_len: int, block_size: int) -> int:
-    """Fewest splits that keep each split within MAX_SPLIT_BLOCKS cache blocks."""
+    """Fewest splits that keep the cache blocks each split needs within MAX_SPLIT_BLOCKS (its block list)."""
     return max(1, math.ceil(math.ceil(context_len / block_size) / MAX_SPLIT_BLOCKS))
 
 

@@ -81,7 +81,7 @@ def forward_decode(query, key_cache, value_cache, block_tables, seq_lens, max_se
         Output buffer (query dtype, C-contiguous); pass one to capture the GPU call in a CUDA graph.
     num_splits : int, optional
         GPU only: force the number of split-KV partitions per sequence (None: heuristic from batch size, context
-        length and SM count).
+        length and SM count). A sequence shorter than the longest may use fewer.
 
     Returns
     -------
@@ -383,7 +383,7 @@ def _decode_cupy(query, key_cache, value_cache, block_tables, seq_lens, out, sig
     if num_splits is not None:
         least = _decode_cuda.min_num_splits(context_len, value_cache.shape[3])
         if num_splits < least:
-            raise ValueError(f"num_splits ({num_splits}) must be >= {least}: one split covers at most "
+            raise ValueError(f"num_splits ({num_splits}) must be >= {least}: one split reads at most "
                              f"{_decode_cuda.MAX_SPLIT_BLOCKS} cache blocks")
     if query.shape[0] > 65535:
         raise ValueError(f"num_seqs ({query.shape[0]}) must be <= 65535 (CUDA grid limit)")

@@ -16,8 +16,9 @@ constexpr int kThreads = 128;
 constexpr int kWarps = kThreads / 32;
 // Tokens per pipeline stage: one lane per token in the QK product, so a stage is 1, 2 or 4 cache blocks (BS 32/16/8).
 constexpr int kStageTokens = 32;
-// Logical cache blocks one CTA may cover (its compacted block list lives in shared memory). The host heuristic
-// (cubsattn/_decode_cuda.py, MAX_SPLIT_BLOCKS) never asks for more.
+// Capacity of a CTA's compacted block list (shared memory): the cache blocks one split needs. A split needs at most
+// chunk_blocks of them (split_range), and the host heuristic (cubsattn/_decode_cuda.py, MAX_SPLIT_BLOCKS) never
+// makes chunk_blocks larger.
 constexpr int kMaxSplitBlocks = 512;
 
 // Every scalar argument of the attention kernels, passed by value as one struct (the launcher's NumPy structured
@@ -36,7 +37,7 @@ struct DecodeParams {
   int tp_rank, local_blocks;
   int vert_stride;             // <= 1: dense
   int sparse_block, sliding_step;
-  int chunk_blocks;            // logical cache blocks per split
+  int chunk_blocks;            // ceil(context blocks / num_splits): a sequence of n blocks uses ceil(n / it) splits
 };
 static_assert(sizeof(DecodeParams) == 17 * 4, "DecodeParams must have no padding (PARAMS_DTYPE mirrors it)");
 
@@ -240,6 +241,76 @@ __device__ void combine_splits_if_last(T* __restrict__ out, const float* __restr
 }
 
 // ---------------------------------------------------------------------------------------------------------------
+// The stripe offset of query head h0 + i of kv head `kvh`'s group (is_block_active's `offset`): per query head for
+// sliding_step >= 0, per kv head for a negative step.
+
+__device__ __forceinline__ int stripe_offset(int i, int kvh, const DecodeParams& p) {
+  return p.sliding_step >= 0 ? (p.tp_rank * p.num_kv_heads * p.group + kvh * p.group + i) * p.sliding_step + 1
+                             : (p.tp_rank * p.num_kv_heads + kvh) * (-p.sliding_step) + 1;
+}
+
+// Split `split` of one sequence (`len` > 0 tokens in `nblk` cache blocks) for kv head `kvh`: the logical cache blocks
+// [x, y) it covers. The sequence uses min(num_splits, ceil(nblk / chunk_blocks)) splits (a short one leaves the
+// highest empty). Without BALANCE they are equal ranges of chunk_blocks blocks, the last one shorter. With BALANCE
+// each gets an equal share, to within one block, of the cache blocks the group needs: the dense local window (sparse
+// blocks q_sb - local_blocks + 1 .. q_sb, all needed) and, before it, the blocks of the sparse blocks on some head's
+// stripe (equal ranges give the split holding the window 12% more blocks to read than the others for Phi-3-small at
+// 16 x 32k: 288 against 256 per kv head). A boundary before the window then falls inside or just before a needed
+// sparse block, so a split needs exactly its share, at most ceil(nblk / used) <= chunk_blocks <= kMaxSplitBlocks
+// blocks: its block list fits however many blocks it spans. Stripes repeat every vert_stride sparse blocks; the
+// group's pattern over one period is a warp ballot of is_block_active (with no local window, so only the stripe term
+// decides), which is why vert_stride > 32 and dense attention fall back to equal shares of all blocks. Every thread
+// of each warp calls it.
+//
+// Measured on an H200 (Phi-3-small, graph replays against equal ranges in the same process): balanced, the CUDA-core
+// fp8 kernel, whose CTAs take time in proportion to their blocks, took 11% less time at 16 x 32k (4 splits, 512
+// blocks each) and 10% less at 1 x 128k (33 splits of 249); with forced splits of 64-128 blocks it was within 2.5%
+// either way, with 2-32 blocks 3-32% slower (the heuristic's splits hold >= 1024 tokens). The tensor-core kernels,
+// bandwidth-bound, gained 0.5% at 16 x 32k, lost 2% at 1 x 128k and 2-53% with forced splits of 2-128 blocks on
+// 64 x 8k and 256 x 2k, so they keep equal ranges.
+
+template <int GMAX, bool BALANCE>
+__device__ int2 split_range(int split, int num_splits, int len, int nblk, int kvh, const DecodeParams& p) {
+  if (!BALANCE) {  // empty (x >= y) past the sequence's end
+    const int x = split * p.chunk_blocks;
+    return make_int2(x, min(x + p.chunk_blocks, nblk));
+  }
+  const int used = min(num_splits, (nblk + p.chunk_blocks - 1) / p.chunk_blocks);
+  if (split >= used) return make_int2(0, 0);
+  if (used == 1) return make_int2(0, nblk);
+  // Cost = needed cache blocks. Before the window (sparse blocks [0, win0), cache blocks [0, local0)): sparse block k
+  // is needed when bit k % vs of `pattern` is set (m bits); then every block. Dense or vert_stride > 32: local0 = 0,
+  // every block costs 1.
+  int vs = 1, cbps = 1, win0 = 0, m = 1;
+  unsigned pattern = 1u;
+  if (p.vert_stride > 1 && p.vert_stride <= 32) {
+    vs = p.vert_stride;
+    cbps = p.sparse_block >> p.log2_bs;
+    win0 = max(0, (len - 1) / p.sparse_block - p.local_blocks + 1);
+    const int r = threadIdx.x & 31;
+    bool on = false;
+#pragma unroll
+    for (int i = 0; i < GMAX; ++i)
+      on |= i < p.group && r < vs && is_block_active(r, r, stripe_offset(i, kvh, p), 0, vs);
+    pattern = __ballot_sync(0xffffffffu, on);
+    m = __popc(pattern);
+  }
+  const int local0 = win0 * cbps;
+  const long long before = (long long)cbps * ((win0 / vs) * m + __popc(pattern & ((1u << (win0 % vs)) - 1u)));
+  const long long total = before + (nblk - local0);
+  // First block of split s: where the needed blocks before it number exactly total * s / used.
+  auto boundary = [&](int s) -> int {
+    const long long t = total * s / used;
+    if (t >= before) return local0 + (int)(t - before);
+    const int c = (int)(t / cbps), part = (int)(t % cbps);  // c whole needed sparse blocks, then part of the next
+    unsigned rest = pattern;
+    for (int k = c % m; k > 0; --k) rest &= rest - 1u;  // the next one is the (c % m)-th stripe of its period
+    return ((c / m) * vs + __ffs(rest) - 1) * cbps + part;
+  };
+  return make_int2(split == 0 ? 0 : boundary(split), boundary(split + 1));
+}
+
+// ---------------------------------------------------------------------------------------------------------------
 // Block list: the logical cache blocks [j0, j1) of one sequence that at least one query head of kv head `kvh`'s group
 // needs, compacted in order into list[] as (physical block id, head mask | valid tokens << 8). The sparse rule is
 // evaluated per cache block at sparse-block granularity (k_sb = j * BS / sparse_block, q_sb = (len - 1) /
@@ -251,14 +322,10 @@ __device__ int build_block_list(int2* list, int* count, const int* __restrict__ 
                                 int kvh, const DecodeParams& p) {
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int group = p.group, log2_bs = p.log2_bs, sparse_block = p.sparse_block;
-  const int h0 = kvh * group;
   const int q_sb = (len - 1) / sparse_block;
   int offset[GMAX];
 #pragma unroll
-  for (int i = 0; i < GMAX; ++i) {
-    offset[i] = p.sliding_step >= 0 ? (p.tp_rank * p.num_kv_heads * group + h0 + i) * p.sliding_step + 1
-                                    : (p.tp_rank * p.num_kv_heads + kvh) * (-p.sliding_step) + 1;
-  }
+  for (int i = 0; i < GMAX; ++i) offset[i] = stripe_offset(i, kvh, p);
   const unsigned all_heads = (1u << group) - 1u;
   int n_act = 0;
   for (int base = j0; base < j1; base += NT) {
@@ -288,14 +355,15 @@ __device__ int build_block_list(int2* list, int* count, const int* __restrict__ 
       before += w < warp ? count[w] : 0;
       total += count[w];
     }
-    if (mask != 0) {
+    const int slot = before + __popc(ballot & ((1u << lane) - 1u));
+    if (mask != 0 && slot < kMaxSplitBlocks) {  // a valid launch never fills the list (split_range)
       const int ntok = min(1 << log2_bs, len - (j << log2_bs));
-      list[before + __popc(ballot & ((1u << lane) - 1u))] = make_int2(phys, (int)mask | (ntok << 8));
+      list[slot] = make_int2(phys, (int)mask | (ntok << 8));
     }
     n_act += total;
     __syncthreads();  // count[] is rewritten by the next round
   }
-  return n_act;
+  return min(n_act, kMaxSplitBlocks);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -341,9 +409,7 @@ __global__ void __launch_bounds__(kThreads, 2) paged_decode(
     if (dyn < (unsigned)M::kBytes) __trap();
   }
   const int num_splits = gridDim.x;
-  // The last split holds the dense local window (the most work): schedule it first.
-  const int split = num_splits - 1 - blockIdx.x;
-  const int kvh = blockIdx.y, seq = blockIdx.z;
+  const int split = blockIdx.x, kvh = blockIdx.y, seq = blockIdx.z;
   const int bs = 1 << p.log2_bs;
   const int num_heads = p.num_kv_heads * p.group;
   const int h0 = kvh * p.group;
@@ -352,8 +418,8 @@ __global__ void __launch_bounds__(kThreads, 2) paged_decode(
   int len = min(seq_lens[seq], p.max_seq_len);
   len = min(len, p.max_blocks << p.log2_bs);
   const int nblk = len > 0 ? ((len - 1) >> p.log2_bs) + 1 : 0;
-  const int j0 = split * p.chunk_blocks;
-  const int j1 = min(min(j0 + p.chunk_blocks, nblk), j0 + kMaxSplitBlocks);
+  const int2 range = split_range<GMAX, true>(split, num_splits, len, nblk, kvh, p);
+  const int j0 = range.x, j1 = range.y;
 
   if (j0 >= j1) {  // nothing of this sequence in this split
     if (num_splits == 1) {
@@ -773,8 +839,8 @@ __global__ void __launch_bounds__(kThreads, 1) paged_decode_mma(
   int len = min(seq_lens[seq], p.max_seq_len);
   len = min(len, p.max_blocks << p.log2_bs);
   const int nblk = len > 0 ? ((len - 1) >> p.log2_bs) + 1 : 0;
-  const int j0 = split * p.chunk_blocks;
-  const int j1 = min(min(j0 + p.chunk_blocks, nblk), j0 + kMaxSplitBlocks);
+  const int2 range = split_range<8, false>(split, num_splits, len, nblk, kvh, p);
+  const int j0 = range.x, j1 = range.y;
   if (j0 >= j1) {
     if (num_splits == 1) {
       for (int q = tid; q < p.group * HEAD; q += kThreads)
@@ -1021,8 +1087,8 @@ __global__ void __launch_bounds__(bulk::kThreads, HEAD <= 128 ? 2 : 1) paged_dec
   int len = min(seq_lens[seq], p.max_seq_len);
   len = min(len, p.max_blocks << p.log2_bs);
   const int nblk = len > 0 ? ((len - 1) >> p.log2_bs) + 1 : 0;
-  const int j0 = split * p.chunk_blocks;
-  const int j1 = min(min(j0 + p.chunk_blocks, nblk), j0 + kMaxSplitBlocks);
+  const int2 range = split_range<8, false>(split, num_splits, len, nblk, kvh, p);
+  const int j0 = range.x, j1 = range.y;
   if (j0 >= j1) {
     if (num_splits == 1) {
       for (int q = tid; q < p.group * HEAD; q += kThreads)

@@ -16,6 +16,7 @@ from conftest import BF16, FP16, FP32, TOLERANCES
 from cubsattn import PagedAttention
 from cubsattn import _decode_cuda
 from cubsattn.decode import forward_decode
+from cubsattn.layout import _rule, stripe_offsets
 
 FP8 = np.dtype(ml_dtypes.float8_e4m3fn)
 
@@ -205,6 +206,80 @@ def test_split_heuristic_respects_block_list_capacity():
             splits = _decode_cuda.choose_num_splits(512, 8, context, bs, 132)
             assert math.ceil(math.ceil(context / bs) / splits) <= _decode_cuda.MAX_SPLIT_BLOCKS
             assert splits >= 1
+
+
+def split_ranges(length, *, num_splits, chunk, block_size, group, kvh, num_kv_heads, tp_rank, local_blocks,
+                 vert_stride, sparse_block, step):
+    """decode.cu's ``split_range`` with BALANCE (the fp8 kernel's splits) in Python: the cache-block range [x, y) of
+    every split of one sequence."""
+    nblk = -(-length // block_size)
+    used = min(num_splits, -(-nblk // chunk))
+    if used <= 1:
+        return [(0, nblk)] * used + [(0, 0)] * (num_splits - used)
+    vs, cbps, win0, pattern = 1, 1, 0, [0]
+    if 1 < vert_stride <= 32:
+        vs, cbps = vert_stride, sparse_block // block_size
+        win0 = max(0, (length - 1) // sparse_block - local_blocks + 1)
+        h0 = tp_rank * num_kv_heads * group + kvh * group
+        offsets = stripe_offsets((h0, h0 + group), step, num_kv_heads * group, num_kv_heads)
+        pattern = [r for r in range(vs) if any((r + o) % vs == 0 for o in offsets)]
+    m = len(pattern)
+    before = cbps * ((win0 // vs) * m + sum(r < win0 % vs for r in pattern))
+    total = before + nblk - win0 * cbps
+
+    def boundary(s):
+        t = total * s // used
+        if t >= before:
+            return win0 * cbps + t - before
+        c, part = divmod(t, cbps)
+        return ((c // m) * vs + pattern[c % m]) * cbps + part
+
+    ranges = [(0 if s == 0 else boundary(s), boundary(s + 1)) for s in range(used)]
+    return ranges + [(0, 0)] * (num_splits - used)
+
+
+@pytest.mark.parametrize("kw", [
+    dict(block_size=16, sparse_block=64, local_blocks=16, vert_stride=8, step=1, group=4),  # Phi-3-small
+    dict(block_size=8, sparse_block=64, local_blocks=4, vert_stride=16, step=0, group=4),
+    dict(block_size=32, sparse_block=32, local_blocks=2, vert_stride=3, step=-1, group=3, tp_rank=1),
+    dict(block_size=16, sparse_block=128, local_blocks=1, vert_stride=32, step=5, group=8),
+    dict(block_size=16, sparse_block=16, local_blocks=2, vert_stride=2, step=1, group=2),  # every block needed
+    dict(block_size=16, sparse_block=64, local_blocks=3, vert_stride=40, step=1, group=4),  # > 32: equal ranges
+    dict(block_size=8, sparse_block=1, local_blocks=0, vert_stride=0, step=0, group=2),  # dense
+])
+def test_split_ranges_balance_needed_blocks(kw):
+    # Every split of a sequence needs the same number of cache blocks (to within one) under the sparse rule, at most
+    # chunk <= MAX_SPLIT_BLOCKS, and the splits tile the sequence's blocks in order.
+    kw = dict(dict(num_kv_heads=2, tp_rank=0), **kw)
+    bs, sb, vs = kw["block_size"], kw["sparse_block"], kw["vert_stride"]
+    h = kw["num_kv_heads"] * kw["group"]
+    for context, num_splits in ((32768, 4), (32768, 7), (131072, 33), (9000, 5), (4096, 2), (700, 3)):
+        num_splits = max(num_splits, _decode_cuda.min_num_splits(context, bs))
+        ctx_blocks = -(-context // bs)
+        chunk = -(-ctx_blocks // num_splits)
+        assert chunk <= _decode_cuda.MAX_SPLIT_BLOCKS
+        lengths = {1, 2, bs, bs + 1, sb * kw["local_blocks"], sb * kw["local_blocks"] + 1, context - 1, context}
+        lengths |= set(np.random.default_rng(context).integers(1, context + 1, size=40).tolist())
+        for length in sorted(n for n in lengths if 1 <= n <= context):
+            nblk = -(-length // bs)
+            j = np.arange(nblk)
+            for kvh in range(kw["num_kv_heads"]):
+                ranges = split_ranges(length, num_splits=num_splits, chunk=chunk, kvh=kvh, **kw)
+                spans = [(x, y) for x, y in ranges if x < y]
+                assert [x for x, _ in spans] == [0] + [y for _, y in spans[:-1]] and spans[-1][1] == nblk
+                if vs > 1:
+                    offsets = stripe_offsets((kvh * kw["group"] + h * kw["tp_rank"],
+                                              (kvh + 1) * kw["group"] + h * kw["tp_rank"]), kw["step"], h,
+                                             kw["num_kv_heads"])
+                    need = _rule((length - 1) // sb, (j * bs // sb)[None, :], offsets[:, None], kw["local_blocks"],
+                                 vs).any(axis=0)
+                else:
+                    need = np.ones(nblk, dtype=bool)
+                used = min(num_splits, -(-nblk // chunk))
+                counts = [int(need[x:y].sum()) for x, y in ranges[:used]]
+                assert max(counts) <= chunk
+                if vs <= 32:  # else equal ranges of blocks, not of needed blocks
+                    assert max(counts) - min(counts) <= 1, (length, kvh, counts)
 
 
 def test_shared_memory_fits_hopper_and_ampere():

@@ -85,6 +85,59 @@ def test_split_and_single_agree(kw, kernel):
         np.testing.assert_allclose(got.astype(np.float64), base.astype(np.float64), rtol=rtol / 2, atol=atol / 2)
 
 
+@pytest.mark.parametrize("fp8", [False, True], ids=["16bit", "fp8"])
+@pytest.mark.parametrize("kw", [
+    # Local window 1024 tokens: shorter, equal, straddling the split boundaries, 1 token.
+    dict(PHI3, seq_lens=(1, 17, 500, 1024, 1025, 3000, 4097, 6000)),
+    dict(dtype=FP16, head_size=64, group=3, block_size=8, sparse_block=32, local_blocks=3, vert_stride=5, step=2,
+         tp_rank=1, seq_lens=(2000, 96, 97, 1)),
+    dict(PHI3, step=0, vert_stride=16, local_blocks=2, seq_lens=(5000, 130)),            # homo_head: 1 stripe
+    dict(PHI3, group=2, num_kv_heads=3, step=-1, tp_rank=2, seq_lens=(3500, 64, 65)),  # slide per kv head
+    dict(PHI3, vert_stride=40, local_blocks=2, sparse_block=16, seq_lens=(3000, 700)),  # > 32: equal shares
+    dict(PHI3, vert_stride=0, seq_lens=(2500, 3)),                                      # dense
+], ids=["phi3", "g3", "homo", "per-kv-head", "vert40", "dense"])
+def test_splits_agree_with_one(kw, fp8, kernel):
+    # Equal ranges (16-bit caches) and equal shares of the needed blocks (fp8: decode.cu split_range's BALANCE, whose
+    # boundaries fall inside or before stripes and inside the local window): every forced count must match the oracle
+    # and the one-split result.
+    if fp8 and kernel == "mma":
+        pytest.skip("fp8 caches run the CUDA-core kernel for either fixture value")
+    rng = np.random.default_rng(17)
+    case = make_case(rng, fp8=fp8, **kw)
+    gpu = to_gpu(case)
+    dtype = case["query"].dtype
+    base = run_gpu(gpu, num_splits=1)
+    assert_close(base, oracle(case), dtype)
+    rtol, atol = TOLERANCES[dtype]
+    for splits in (2, 3, 4, 7, 16, 33):
+        got = run_gpu(gpu, num_splits=splits)
+        np.testing.assert_allclose(got.astype(np.float64), base.astype(np.float64), rtol=rtol / 2, atol=atol / 2)
+
+
+@pytest.mark.parametrize("fp8", [False, True], ids=["16bit", "fp8"])
+@pytest.mark.parametrize("kw,splits", [
+    (dict(PHI3, head_size=64, num_kv_heads=1, group=2, block_size=8, vert_stride=0, seq_lens=(4096, 7)), 1),
+    # vert 2 and 2 heads: every block is needed, so both splits fill the 512-entry block list exactly.
+    (dict(PHI3, head_size=64, num_kv_heads=1, group=2, block_size=8, sparse_block=16, local_blocks=1, vert_stride=2,
+          seq_lens=(8192, 8191)), 2),
+    # 1 stripe in 32: balanced (fp8), the first split of the 8200-token sequence spans 760 blocks (more than the list
+    # holds) but needs 16 of them.
+    (dict(PHI3, head_size=64, num_kv_heads=1, block_size=8, local_blocks=4, vert_stride=32, step=0,
+          seq_lens=(8200, 4096, 1)), 3),
+], ids=["dense-512", "all-needed-2x512", "long-spans"])
+def test_block_list_capacity(kw, splits, fp8, kernel):
+    # The fewest splits allowed (MAX_SPLIT_BLOCKS needed blocks per split) read every block: nothing is dropped.
+    from cubsattn import _decode_cuda
+
+    if fp8 and kernel == "mma":
+        pytest.skip("fp8 caches run the CUDA-core kernel for either fixture value")
+    rng = np.random.default_rng(19)
+    case = make_case(rng, fp8=fp8, **kw)
+    context = int(case["seq_lens"].max())  # host seq_lens: the split count is sized from them, not max_seq_len
+    assert _decode_cuda.min_num_splits(context, kw["block_size"]) == splits
+    assert_close(run_gpu(to_gpu(case, host_lens=True), num_splits=splits), oracle(case), case["query"].dtype)
+
+
 def test_deterministic(kernel):
     rng = np.random.default_rng(3)
     case = to_gpu(make_case(rng, **dict(PHI3, seq_lens=(5000, 300))))
