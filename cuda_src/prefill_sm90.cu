@@ -169,7 +169,7 @@ template <int HEAD_DIM, int STAGES> struct Layout {
   static constexpr int BAR_OFF = V_OFF + STAGES * TILE_BYTES;
   static constexpr int Q_BAR_OFF = BAR_OFF + 2 * STAGES * 8;  // per Q buffer a full, then per buffer an empty
   static constexpr int INFO_OFF = Q_BAR_OFF + 32;
-  static constexpr int ITEM_OFF = INFO_OFF + STAGES * 8;  // work items n and n + 1 (see the entry point)
+  static constexpr int ITEM_OFF = INFO_OFF + STAGES * 8;  // the work-item slots
   static constexpr int ITEM_SLOTS = 3;  // items n, n + 1 and n + 2 (see the entry point)
   static constexpr int BYTES = ITEM_OFF + ITEM_SLOTS * 64;
   static constexpr int ALLOC = BYTES + 1024;  // the dynamic window is re-aligned to 1024 bytes
