@@ -237,6 +237,22 @@ struct Item {
   }
 };
 
+// The launch's item schedule (kernel arguments), for the producer's thread 0.
+struct Schedule {
+  const int* __restrict__ tiles;
+  const int* __restrict__ cu_q;
+  const int* __restrict__ cu_k;
+  const int* __restrict__ indptr;
+  const int* __restrict__ indices;
+  int* __restrict__ next_item;
+  int num_items, num_heads, num_blocks, nnz_stride, block_size;
+
+  __device__ __forceinline__ int draw() const { return atomicAdd(next_item, 1); }
+  __device__ __forceinline__ void load(Item& w, int item) const {
+    w.load(item, num_items, num_heads, tiles, cu_q, cu_k, indptr, indices, num_blocks, nnz_stride, block_size);
+  }
+};
+
 // ---------------------------------------------------------------------------------------------------------------
 // The key-tile walk of one CTA (producer only): ascending union of the column lists of the R <= 2 CSR rows the
 // 128-row query tile spans (block 64: two rows, one per consumer warpgroup; block 128: one row, two 64-key
@@ -291,8 +307,8 @@ struct KeyWalk {
 // with the item before the previous one), then the K/V tiles into the ring. Each copy batch is published (Q full
 // barrier or the stage's full barrier, count 128) one batch late: each thread waits for its own copies of the
 // previous batch, fences them into the async proxy and arrives, so two batches are in flight per thread. The item's
-// last batch is published at once: thread 0 reads the next item before the next batch is issued, and the consumers
-// should not wait for that. The last tile carries the LAST flag in its info.
+// last batch is published at once (not with the next item's Q, which may wait for a Q buffer). The last tile
+// carries the LAST flag in its info. After the Q copies, thread 0 reads the next item into `next` (Schedule::load).
 // `it` counts ring stages across the CTA's items.
 //
 // Q rows: tile row r is query position tile_start + r, valid in [pos_lo, pos_hi) (zeros elsewhere), token
@@ -302,7 +318,8 @@ template <typename T, int HEAD_DIM, int STAGES>
 __device__ __forceinline__ void produce(unsigned char* smem, const T* __restrict__ q, long long q_tok, int q_head,
                                         const T* __restrict__ k, long long k_tok, int k_head,
                                         const T* __restrict__ v, long long v_tok, int v_head, const Item& w,
-                                        int kv_head, KeyWalk walk, int qbuf, int& it) {
+                                        int kv_head, KeyWalk walk, int qbuf, int& it, const Schedule& sched,
+                                        Item* next, int& drawn) {
   using L = Layout<HEAD_DIM, STAGES>;
   constexpr int CHUNKS = HEAD_DIM / 8;       // 16-byte chunks per key row
   constexpr int ROWS_PER_PASS = 128 / CHUNKS;  // key rows the warpgroup copies per pass (8 or 16)
@@ -333,6 +350,11 @@ __device__ __forceinline__ void produce(unsigned char* smem, const T* __restrict
       cp_async_16(dst, valid ? qp + (long long)(w.q_start + pos - w.past) * q_tok : q, valid);
     }
     cp_async_commit();
+  }
+  // Thread 0 reads the next item (its number drawn one item earlier) while this Q is in flight.
+  if (ptid == 0) {
+    sched.load(*next, drawn);
+    drawn = sched.draw();
   }
   unsigned published = base + L::Q_BAR_OFF + qbuf * 8;  // the barrier of the batch in flight before the current one
   // One tile ahead, so that the last tile can be flagged. An item without tiles sends one that no row attends
@@ -721,14 +743,18 @@ __global__ void __launch_bounds__(cubsattn::sm90::THREADS, 1) blocksparse_prefil
     Item* slots = reinterpret_cast<Item*>(smem + L::ITEM_OFF);
     const unsigned q_full = smem_addr(smem + L::Q_BAR_OFF), q_empty = q_full + 16;
     int it = 0;
-    // Thread 0 reads each item one ahead (Item::load): it draws the next number as the current item starts and
-    // writes that item's entries once the current item's last tile is issued, while the consumers work through
-    // the ring. The producer warpgroup reads an item after a named barrier, the consumers once its Q barrier
-    // completes. Slot (n + 1) % 3 was last read at the start of item n - 2, whose Q buffer the producer has since
-    // seen released: the consumers are past it.
-    if (threadIdx.x == 0)
-      slots[0].load(atomicAdd(next_item, 1), num_items, num_heads, tiles, cu_q, cu_k, indptr, indices, num_blocks,
-                    nnz_stride, block_size);
+    // Thread 0 reads each item one ahead (Item::load) right after issuing the current item's Q, its number drawn
+    // one item earlier, so the chain of dependent global loads (counter, schedule, cu_seqlens, indptr, indices)
+    // is off the path from one item's last tile to the next item's Q. The producer warpgroup reads an item after a
+    // named barrier, the consumers once its Q barrier completes. Slot (n + 1) % 3 was last read at the start of
+    // item n - 2, whose Q buffer the producer has seen released before item n: the consumers are past it.
+    const Schedule sched = {tiles, cu_q, cu_k, indptr, indices, next_item, num_items, num_heads, num_blocks,
+                            nnz_stride, block_size};
+    int drawn = 0;
+    if (threadIdx.x == 0) {
+      sched.load(slots[0], sched.draw());
+      drawn = sched.draw();
+    }
     for (int n = 0, slot = 0;; ++n, slot = slot == L::ITEM_SLOTS - 1 ? 0 : slot + 1) {
       const int qbuf = n & 1;
       if (n >= 2) mbar_wait(q_empty + qbuf * 8, ((n >> 1) - 1) & 1);  // item n - 2's last Q K^T is done
@@ -738,12 +764,9 @@ __global__ void __launch_bounds__(cubsattn::sm90::THREADS, 1) blocksparse_prefil
         mbar_arrive(q_full + qbuf * 8);
         break;
       }
-      const int drawn = threadIdx.x == 0 ? atomicAdd(next_item, 1) : 0;
       produce<T, HEAD_DIM, STAGES>(smem, q, q_tok, q_head, k, k_tok, k_head, v, v_tok, v_head, w, w.head / group,
-                                   KeyWalk(w, indices, nnz_stride, block_size), qbuf, it);
-      if (threadIdx.x == 0)
-        slots[slot == L::ITEM_SLOTS - 1 ? 0 : slot + 1].load(drawn, num_items, num_heads, tiles, cu_q, cu_k, indptr,
-                                                             indices, num_blocks, nnz_stride, block_size);
+                                   KeyWalk(w, indices, nnz_stride, block_size), qbuf, it, sched,
+                                   &slots[slot == L::ITEM_SLOTS - 1 ? 0 : slot + 1], drawn);
     }
   } else {
     asm volatile("setmaxnreg.inc.sync.aligned.u32 224;\n" ::: "memory");
