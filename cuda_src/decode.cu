@@ -95,7 +95,6 @@ __device__ __forceinline__ void cp_async(void* smem_dst, const void* gmem_src) {
   }
 }
 
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 
 template <int N>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
@@ -719,19 +718,6 @@ __device__ __forceinline__ void mma_rows8<__half>(float (&c)[2], unsigned a0, un
   (void)junk1;
 }
 
-template <typename T>
-__device__ __forceinline__ unsigned pack2(float lo, float hi);
-template <>
-__device__ __forceinline__ unsigned pack2<__nv_bfloat16>(float lo, float hi) {
-  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-  return *reinterpret_cast<const unsigned*>(&v);
-}
-template <>
-__device__ __forceinline__ unsigned pack2<__half>(float lo, float hi) {
-  const __half2 v = __floats2half2_rn(lo, hi);
-  return *reinterpret_cast<const unsigned*>(&v);
-}
-
 // Which of this lane's 4 score slots (tokens 16w + 2t, +1, 16w + 8 + 2t, +1 of a 64-token stage whose cache blocks
 // are list[first ..]) hold a token that query head g = lane / 4 attends to: bit k for slot k.
 __device__ __forceinline__ unsigned valid_bits(const int2* list, int first, int n_act, int warp, int lane,
@@ -866,8 +852,8 @@ __global__ void __launch_bounds__(kThreads, 1) paged_decode_mma(
     for (int kk = 0; kk < HEAD / 16; ++kk) {
       if (g < p.group) {
         const int d = 16 * kk + 2 * t;
-        qa0[kk] = tc::pack2<T>(to_float<T>(qrow[d]), to_float<T>(qrow[d + 1]));
-        qa2[kk] = tc::pack2<T>(to_float<T>(qrow[d + 8]), to_float<T>(qrow[d + 9]));
+        qa0[kk] = pack2<T>(to_float<T>(qrow[d]), to_float<T>(qrow[d + 1]));
+        qa2[kk] = pack2<T>(to_float<T>(qrow[d + 8]), to_float<T>(qrow[d + 9]));
       } else {
         qa0[kk] = qa2[kk] = 0u;
       }
@@ -1016,28 +1002,9 @@ struct Shape {
 };
 
 #if __CUDA_ARCH__ >= 900
-__device__ __forceinline__ void mbar_init(unsigned bar, unsigned count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
-}
-
 // Arrive once and add `bytes` to the transaction count the phase waits for.
 __device__ __forceinline__ void mbar_arrive_expect_tx(unsigned bar, unsigned bytes) {
   asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
-}
-
-__device__ __forceinline__ void mbar_arrive(unsigned bar) {
-  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
-}
-
-__device__ __forceinline__ void mbar_wait(unsigned bar, unsigned parity) {
-  unsigned done;
-  do {
-    asm volatile(
-        "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}\n"
-        : "=r"(done)
-        : "r"(bar), "r"(parity)
-        : "memory");
-  } while (!done);
 }
 
 // Global -> shared copy of `bytes` (a multiple of 16, both addresses 16-byte aligned), completing on `bar`.
@@ -1107,8 +1074,8 @@ __global__ void __launch_bounds__(bulk::kThreads, HEAD <= 128 ? 2 : 1) paged_dec
   if (tid == 0) {
 #pragma unroll
     for (int s = 0; s < STAGES; ++s) {
-      bulk::mbar_init(full0 + 8 * s, 1);
-      bulk::mbar_init(empty0 + 8 * s, kConsumers * 32);  // every consumer lane releases its own reads
+      mbar_init(full0 + 8 * s, 1);
+      mbar_init(empty0 + 8 * s, kConsumers * 32);  // every consumer lane releases its own reads
     }
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
@@ -1130,7 +1097,7 @@ __global__ void __launch_bounds__(bulk::kThreads, HEAD <= 128 ? 2 : 1) paged_dec
     const size_t block_elems = (size_t)HEAD << p.log2_bs;
     for (int st = 0; st < n_stages; ++st) {
       const int slot = st % STAGES;
-      if (st >= STAGES) bulk::mbar_wait(empty0 + 8 * slot, ((st / STAGES) - 1) & 1);
+      if (st >= STAGES) mbar_wait(empty0 + 8 * slot, ((st / STAGES) - 1) & 1);
       const int first = st * blocks_per_stage;
       const int nb = min(blocks_per_stage, n_act - first);
       if (lane == 0) bulk::mbar_arrive_expect_tx(full0 + 8 * slot, 2 * nb * slice);
@@ -1151,8 +1118,8 @@ __global__ void __launch_bounds__(bulk::kThreads, HEAD <= 128 ? 2 : 1) paged_dec
       for (int kk = 0; kk < HEAD / 16; ++kk) {
         if (g < p.group) {
           const int d = 16 * kk + 2 * t;
-          qa0[kk] = tc::pack2<T>(to_float<T>(qrow[d]), to_float<T>(qrow[d + 1]));
-          qa2[kk] = tc::pack2<T>(to_float<T>(qrow[d + 8]), to_float<T>(qrow[d + 9]));
+          qa0[kk] = pack2<T>(to_float<T>(qrow[d]), to_float<T>(qrow[d + 1]));
+          qa2[kk] = pack2<T>(to_float<T>(qrow[d + 8]), to_float<T>(qrow[d + 9]));
         } else {
           qa0[kk] = qa2[kk] = 0u;
         }
@@ -1171,7 +1138,7 @@ __global__ void __launch_bounds__(bulk::kThreads, HEAD <= 128 ? 2 : 1) paged_dec
 
     for (int st = 0; st < n_stages; ++st) {
       const int slot = st % STAGES;
-      bulk::mbar_wait(full0 + 8 * slot, (st / STAGES) & 1);
+      mbar_wait(full0 + 8 * slot, (st / STAGES) & 1);
       unsigned char* buf = smem + slot * S::kStageBytes;
       const int first = st * blocks_per_stage;
       if (st == n_stages - 1) {
@@ -1196,7 +1163,7 @@ __global__ void __launch_bounds__(bulk::kThreads, HEAD <= 128 ? 2 : 1) paged_dec
       tc::attend16<T, HEAD>(buf + k_lane, step, buf + v_lane, step,
                             tc::valid_bits(list_s, first, n_act, warp, lane, p.log2_bs), qa0, qa2, p.qk_scale_log2,
                             m_run, l_run, o);
-      bulk::mbar_arrive(empty0 + 8 * slot);
+      mbar_arrive(empty0 + 8 * slot);
     }
   }
 

@@ -19,15 +19,8 @@ constexpr int CONSUMER_WARPS = 8;
 // ---------------------------------------------------------------------------------------------------------------
 // PTX wrappers
 
-__device__ __forceinline__ unsigned smem_addr(const void* p) {
-  return static_cast<unsigned>(__cvta_generic_to_shared(p));
-}
+// (smem_addr, cp_async_16, cp_async_commit, the mbarrier wrappers, pack2 and exp2_approx: common.cuh.)
 
-// 16-byte global -> shared copy; valid = false zero-fills (keys past the sequence).
-__device__ __forceinline__ void cp_async_16(unsigned dst, const void* src, bool valid) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N> __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
@@ -35,24 +28,6 @@ template <int N> __device__ __forceinline__ void cp_async_wait() {
 // Generic-proxy shared-memory writes (cp.async) become visible to the async proxy (wgmma operand reads).
 __device__ __forceinline__ void fence_proxy_async() {
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-}
-
-__device__ __forceinline__ void mbar_init(unsigned bar, unsigned count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
-}
-__device__ __forceinline__ void mbar_arrive(unsigned bar) {
-  asm volatile("{\n.reg .b64 state;\nmbarrier.arrive.shared::cta.b64 state, [%0];\n}\n" ::"r"(bar) : "memory");
-}
-// Blocks until the barrier phase of the given parity has completed.
-__device__ __forceinline__ void mbar_wait(unsigned bar, unsigned parity) {
-  unsigned done;
-  do {
-    asm volatile(
-        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
-        : "=r"(done)
-        : "r"(bar), "r"(parity)
-        : "memory");
-  } while (!done);
 }
 
 // Named barriers over the two consumer warpgroups (256 threads; id 0 is __syncthreads).
@@ -133,24 +108,6 @@ CUBSATTN_WGMMA(__half, "f16")
 #undef CUBSATTN_D32
 #undef CUBSATTN_ACC32
 #undef CUBSATTN_ACC8
-
-// Two fp32 values rounded to one packed fp16x2 / bf16x2 register (lo in the low half).
-template <typename T> __device__ __forceinline__ unsigned pack2(float lo, float hi);
-template <> __device__ __forceinline__ unsigned pack2<__half>(float lo, float hi) {
-  __half2 h = __floats2half2_rn(lo, hi);
-  return *reinterpret_cast<unsigned*>(&h);
-}
-template <> __device__ __forceinline__ unsigned pack2<__nv_bfloat16>(float lo, float hi) {
-  __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
-  return *reinterpret_cast<unsigned*>(&h);
-}
-
-// 2^x on the SFU; ex2.approx(-inf) = +0, which is what masked scores need.
-__device__ __forceinline__ float exp2_approx(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-  return y;
-}
 
 // ---------------------------------------------------------------------------------------------------------------
 // Shared memory: two Q buffers (consecutive items alternate; one 64-row tile per consumer warpgroup), STAGES x K
@@ -709,6 +666,7 @@ __global__ void __launch_bounds__(cubsattn::sm90::THREADS, 1) blocksparse_prefil
     const int* __restrict__ indptr, const int* __restrict__ indices,  // [H_q, NB + 1], [H_q, nnz_stride]
     int num_heads, int group, int num_blocks, int nnz_stride, int block_size, float scale_log2, int num_items,
     int* __restrict__ next_item) {
+  using namespace cubsattn;
   using namespace cubsattn::sm90;
   using L = Layout<HEAD_DIM, STAGES>;
   // A warpgroup holds a pending pair while it waits for the next pair, and the producer publishes a tile only once
