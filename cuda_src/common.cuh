@@ -63,7 +63,7 @@ __device__ __forceinline__ float exp2_approx(float x) {
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// Shared memory addresses and cp.async (sm_80+).
+// Shared memory addresses, cp.async and ldmatrix (sm_80+).
 
 __device__ __forceinline__ unsigned smem_addr(const void* p) {
   return static_cast<unsigned>(__cvta_generic_to_shared(p));
@@ -74,6 +74,14 @@ __device__ __forceinline__ void cp_async_16(unsigned dst, const void* src, bool 
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0));
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+
+// Four 8x8 b16 matrices from shared memory: lane l gives the address of row l % 8 of matrix l / 8, and gets in r[i]
+// the elements (l / 4, 2 (l % 4) .. + 1) of matrix i (the mma A/B fragment layout).
+__device__ __forceinline__ void ldmatrix_x4(unsigned (&r)[4], unsigned addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
 
 // ---------------------------------------------------------------------------------------------------------------
 // mbarriers in shared memory (sm_90+: try_wait).

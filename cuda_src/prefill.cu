@@ -16,7 +16,7 @@ namespace prefill {
 // ---------------------------------------------------------------------------------------------------------------
 // PTX wrappers
 
-// (smem_addr, cp_async_16, cp_async_commit, pack2 and exp2_approx: common.cuh.)
+// (smem_addr, cp_async_16, cp_async_commit, ldmatrix_x4, pack2 and exp2_approx: common.cuh.)
 
 // 16-byte copy of which only the first `bytes` (0..16) are read; the rest of the destination is zero-filled.
 __device__ __forceinline__ void cp_async_16_part(unsigned dst, const void* src, int bytes) {
@@ -26,11 +26,6 @@ template <int N> __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
-__device__ __forceinline__ void ldmatrix_x4(unsigned (&r)[4], unsigned addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-}
 __device__ __forceinline__ void ldmatrix_x4_trans(unsigned (&r)[4], unsigned addr) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])

@@ -1,6 +1,7 @@
 // blocksparse_prefill_sm90: varlen block-sparse causal attention for Hopper (sm_90a): wgmma.mma_async with fp32
 // accumulate, K/V tiles in 128-byte-swizzled shared memory filled by a producer warpgroup (cp.async, mbarriers),
-// fp32 online softmax in base 2. Same semantics as prefill.cu (queries are the last q_len key positions).
+// fp32 online softmax in base 2; Q K^T takes Q from registers. Same semantics as prefill.cu (queries are the last
+// q_len key positions).
 // q [T_q, H_q, D], k/v [T_k, H_kv, D], out [T_q, H_q, D]: last dim contiguous, token/head strides in elements.
 // Grid: persistent, at most one CTA per SM, drawing (128-row query tile, q head) work items from a counter;
 // warpgroup 0 loads Q and K/V, warpgroups 1 and 2 each own 64 query rows and consume the ring's key tiles in pairs.
@@ -67,30 +68,21 @@ __device__ __forceinline__ unsigned long long smem_desc(unsigned addr, unsigned 
   "%44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}"
 
 // The wgmma shapes the kernel uses, for element type CTYPE (PTX type TYPE):
-// - ss: d (64x64 fp32) (+)= a (64x16, K-major shared memory descriptor) * b (16x64, K-major shared memory
-//   descriptor): Q K^T with Q and K in shared memory (accumulate = 0 starts a new score tile).
-// - rs: d (64x64 fp32) += a (64x16, registers) * b (16x64, N-major shared memory descriptor): P V per 64-column
-//   slab.
+// - rs<TRANS_B>: d (64x64 fp32) (+)= a (64x16, registers) * b (16x64 shared memory descriptor, K-major for
+//   TRANS_B = 0, N-major for 1): Q K^T with Q in registers, and P V per 64-column slab.
 // - n128: d (64x128 fp32) += a (64x16, registers) * b (16x128, N-major shared memory descriptor): P V for D = 128 in
 //   one instruction per 16 keys (both 64-column slabs of V, the leading byte offset stepping from one to the other).
 template <typename T> struct Wgmma;
 #define CUBSATTN_WGMMA(CTYPE, TYPE)                                                                             \
   template <> struct Wgmma<CTYPE> {                                                                             \
-    static __device__ __forceinline__ void ss(float (&d)[32], unsigned long long a_desc,                        \
-                                              unsigned long long b_desc, int accumulate) {                      \
-      asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"                                                \
-                   "wgmma.mma_async.sync.aligned.m64n64k16.f32." TYPE "." TYPE " " CUBSATTN_D32                \
-                   ", %32, %33, p, 1, 1, 0, 0;\n}\n"                                                            \
-                   : CUBSATTN_ACC32(0)                                                                          \
-                   : "l"(a_desc), "l"(b_desc), "r"(accumulate));                                                \
-    }                                                                                                           \
+    template <int TRANS_B>                                                                                      \
     static __device__ __forceinline__ void rs(float (&d)[32], const unsigned (&a)[4], unsigned long long desc,  \
                                               int accumulate) {                                                 \
       asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"                                                \
                    "wgmma.mma_async.sync.aligned.m64n64k16.f32." TYPE "." TYPE " " CUBSATTN_D32                \
-                   ", {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"                                              \
+                   ", {%32, %33, %34, %35}, %36, p, 1, 1, %38;\n}\n"                                            \
                    : CUBSATTN_ACC32(0)                                                                          \
-                   : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(accumulate));                   \
+                   : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(accumulate), "n"(TRANS_B));    \
     }                                                                                                           \
     static __device__ __forceinline__ void n128(float (&d)[64], const unsigned (&a)[4], unsigned long long desc, \
                                                 int accumulate) {                                               \
@@ -110,22 +102,23 @@ CUBSATTN_WGMMA(__half, "f16")
 #undef CUBSATTN_ACC8
 
 // ---------------------------------------------------------------------------------------------------------------
-// Shared memory: two Q buffers (consecutive items alternate; one 64-row tile per consumer warpgroup), STAGES x K
-// tiles, STAGES x V tiles, then per stage a full and an empty mbarrier, per Q buffer a full and an empty mbarrier,
-// per stage the tile's (n0, flags), and three work-item slots.
+// Shared memory: the Q buffer (a 64-row tile per consumer warpgroup; the consumers copy it to registers at the
+// start of an item and release it, so the next item's Q loads meanwhile), STAGES x K tiles, STAGES x V tiles, then
+// per stage a full and an empty mbarrier, a full and an empty mbarrier for Q, per stage the tile's (n0, flags), and
+// three work-item slots.
 // A tile is [D/64][64 rows][64 elements]: each row of a 64-column slab is 128 bytes whose 16-byte chunks are
-// XOR-swizzled by (row & 7), the canonical 128B-swizzle layout that wgmma reads as K-major (Q and K in Q K^T) and
-// as N-major (V in P V).
+// XOR-swizzled by (row & 7), the canonical 128B-swizzle layout that wgmma reads as K-major (K in Q K^T) and as
+// N-major (V in P V).
 
 template <int HEAD_DIM, int STAGES> struct Layout {
   static constexpr int TILE_BYTES = BLOCK_N * HEAD_DIM * 2;
   static constexpr int SLAB_BYTES = BLOCK_N * 128;  // one 64-column slab of a tile
-  static constexpr int Q_OFF = 0;  // two Q buffers (items alternate), each a tile per consumer warpgroup
-  static constexpr int K_OFF = 4 * TILE_BYTES;
+  static constexpr int Q_OFF = 0;  // a tile per consumer warpgroup
+  static constexpr int K_OFF = 2 * TILE_BYTES;
   static constexpr int V_OFF = K_OFF + STAGES * TILE_BYTES;
   static constexpr int BAR_OFF = V_OFF + STAGES * TILE_BYTES;
-  static constexpr int Q_BAR_OFF = BAR_OFF + 2 * STAGES * 8;  // per Q buffer a full, then per buffer an empty
-  static constexpr int INFO_OFF = Q_BAR_OFF + 32;
+  static constexpr int Q_BAR_OFF = BAR_OFF + 2 * STAGES * 8;  // Q full, then Q empty
+  static constexpr int INFO_OFF = Q_BAR_OFF + 16;
   static constexpr int ITEM_OFF = INFO_OFF + STAGES * 8;  // the work-item slots
   static constexpr int ITEM_SLOTS = 3;  // items n, n + 1 and n + 2 (see the entry point)
   static constexpr int BYTES = ITEM_OFF + ITEM_SLOTS * 64;
@@ -260,11 +253,11 @@ struct KeyWalk {
 };
 
 // ---------------------------------------------------------------------------------------------------------------
-// Producer warpgroup, one work item: all 128 threads copy the Q tile into Q buffer qbuf (the consumers are done
-// with the item before the previous one), then the K/V tiles into the ring. Each copy batch is published (Q full
+// Producer warpgroup, one work item: all 128 threads copy the Q tile into the Q buffer (the consumers have copied
+// the previous item's Q to registers), then the K/V tiles into the ring. Each copy batch is published (Q full
 // barrier or the stage's full barrier, count 128) one batch late: each thread waits for its own copies of the
 // previous batch, fences them into the async proxy and arrives, so two batches are in flight per thread. The item's
-// last batch is published at once (not with the next item's Q, which may wait for a Q buffer). The last tile
+// last batch is published at once (not with the next item's Q, which may wait for the Q buffer). The last tile
 // carries the LAST flag in its info. After the Q copies, thread 0 reads the next item into `next` (Schedule::load).
 // `it` counts ring stages across the CTA's items.
 //
@@ -275,7 +268,7 @@ template <typename T, int HEAD_DIM, int STAGES>
 __device__ __forceinline__ void produce(unsigned char* smem, const T* __restrict__ q, long long q_tok, int q_head,
                                         const T* __restrict__ k, long long k_tok, int k_head,
                                         const T* __restrict__ v, long long v_tok, int v_head, const Item& w,
-                                        int kv_head, KeyWalk walk, int qbuf, int& it, const Schedule& sched,
+                                        int kv_head, KeyWalk walk, int& it, const Schedule& sched,
                                         Item* next, int& drawn) {
   using L = Layout<HEAD_DIM, STAGES>;
   constexpr int CHUNKS = HEAD_DIM / 8;       // 16-byte chunks per key row
@@ -295,7 +288,7 @@ __device__ __forceinline__ void produce(unsigned char* smem, const T* __restrict
 
   {
     const T* qp = q + (long long)w.head * q_head + c * 8;
-    const unsigned q_dst = base + L::Q_OFF + qbuf * 2 * L::TILE_BYTES + off0;
+    const unsigned q_dst = base + L::Q_OFF + off0;
     static_assert(BLOCK_N % ROWS_PER_PASS == 0, "a pass must not straddle the two Q halves");
 #pragma unroll
     for (int p = 0; p < BLOCK_M / ROWS_PER_PASS; ++p) {
@@ -313,7 +306,7 @@ __device__ __forceinline__ void produce(unsigned char* smem, const T* __restrict
     sched.load(*next, drawn);
     drawn = sched.draw();
   }
-  unsigned published = base + L::Q_BAR_OFF + qbuf * 8;  // the barrier of the batch in flight before the current one
+  unsigned published = base + L::Q_BAR_OFF;  // the barrier of the batch in flight before the current one
   // One tile ahead, so that the last tile can be flagged. An item without tiles sends one that no row attends
   // (mask 0): the consumers' loop then always runs at least once (a path around it, from zeroing O to storing it,
   // makes ptxas serialise every wgmma of the kernel, C7515).
@@ -377,16 +370,18 @@ __device__ __forceinline__ void produce(unsigned char* smem, const T* __restrict
 // consumers spill at 240 registers for D = 128 (writing P in place instead makes ptxas wait for the previous
 // P V before the softmax, which serialises them anyway).
 
+// Q K^T with Q's A fragments in registers (qf[kk]: k-step kk): only K is read from shared memory (with both
+// operands there, the 64 x 64 x 16 steps would need all of its bandwidth).
 template <typename T, int HEAD_DIM>
-__device__ __forceinline__ void issue_qk(float* s, unsigned long long q_desc, unsigned k_tile) {
+__device__ __forceinline__ void issue_qk(float* s, const unsigned (&qf)[HEAD_DIM / 16][4], unsigned k_tile) {
   constexpr int SLAB_BYTES = BLOCK_N * 128;
   // The address field is the low 14 bits of the descriptor (bytes >> 4) and never carries (shared memory < 256 KB),
-  // so each operand's descriptor is the tile's plus a constant.
+  // so each k-step's descriptor is the tile's plus a constant.
   const unsigned long long k_desc = smem_desc(k_tile, 16, 1024);
 #pragma unroll
-  for (int kk = 0; kk < HEAD_DIM / 16; ++kk) {  // K-major operands: k-step kk reads 32 bytes further into slab kk / 4
+  for (int kk = 0; kk < HEAD_DIM / 16; ++kk) {  // K-major K: k-step kk reads 32 bytes further into slab kk / 4
     const unsigned step = ((kk >> 2) * SLAB_BYTES + (kk & 3) * 32) >> 4;
-    Wgmma<T>::ss(*reinterpret_cast<float(*)[32]>(s), q_desc + step, k_desc + step, kk > 0);
+    Wgmma<T>::template rs<0>(*reinterpret_cast<float(*)[32]>(s), qf[kk], k_desc + step, kk > 0);
   }
 }
 
@@ -405,7 +400,7 @@ __device__ __forceinline__ void issue_pv(float (&acc)[HEAD_DIM / 64][32], const 
     for (int b = 0; b < HEAD_DIM / 64; ++b)
 #pragma unroll
       for (int kk = 0; kk < 4; ++kk)
-        Wgmma<T>::rs(acc[b], pf[kk], desc + ((b * SLAB_BYTES + kk * 16 * 128) >> 4), 1);
+        Wgmma<T>::template rs<1>(acc[b], pf[kk], desc + ((b * SLAB_BYTES + kk * 16 * 128) >> 4), 1);
   }
 }
 
@@ -421,27 +416,25 @@ __device__ __forceinline__ void release(unsigned empty_bar, const Step& step) {
   if (step.count > 1) mbar_arrive(empty_bar + step.stage1 * 8);
 }
 
-// One step of NT live tiles (see above). pending: the previous step, whose P V is in flight. first_row: the warp's
-// first query row. q_empty: the Q empty barrier when this is the item's last step (its Q K^T is the warpgroup's
-// last read of Q: the producer may load the next item's Q during this softmax), else 0.
+// One step of NT live tiles (see above). qf: Q's A fragments. pending: the previous step, whose P V is in flight.
+// first_row: the warp's first query row.
 template <typename T, int HEAD_DIM, int STAGES, int NT>
-__device__ __forceinline__ void attend(float (&acc)[HEAD_DIM / 64][32], unsigned long long q_desc,
+__device__ __forceinline__ void attend(float (&acc)[HEAD_DIM / 64][32], const unsigned (&qf)[HEAD_DIM / 16][4],
                                        float (&row_max)[2], float (&row_sum)[2], const int (&pos)[2],
                                        unsigned base, const Step& step, const Step& pending, int first_row, int tq,
-                                       float scale_log2, int other_bar, unsigned q_empty) {
+                                       float scale_log2, int other_bar) {
   using L = Layout<HEAD_DIM, STAGES>;
   constexpr int DB = HEAD_DIM / 64;
   constexpr int NS = 32 * NT;  // scores per thread: rows g and g + 8, 8 column pairs per tile
   const int n0[2] = {step.n00, step.n01};
   float s[NS];
   wgmma_fence();
-  issue_qk<T, HEAD_DIM>(s, q_desc, base + L::K_OFF + step.stage0 * L::TILE_BYTES);
-  if constexpr (NT == 2) issue_qk<T, HEAD_DIM>(s + 32, q_desc, base + L::K_OFF + step.stage1 * L::TILE_BYTES);
+  issue_qk<T, HEAD_DIM>(s, qf, base + L::K_OFF + step.stage0 * L::TILE_BYTES);
+  if constexpr (NT == 2) issue_qk<T, HEAD_DIM>(s + 32, qf, base + L::K_OFF + step.stage1 * L::TILE_BYTES);
   wgmma_commit();
   named_bar_arrive(other_bar);  // the other warpgroup's turn to issue (its softmax ran meanwhile)
   wgmma_wait<0>();
   release(base + L::BAR_OFF + STAGES * 8, pending);
-  if (q_empty) mbar_arrive(q_empty);
 
   // Causal mask where a key can follow a row (the diagonal block and keys past the sequence, which are > every
   // query position). Scores stay unscaled: scale_log2 > 0 keeps -inf and the row maximum.
@@ -530,7 +523,7 @@ template <int STAGES> struct RingCursor {
 // A consumer warpgroup's part of one work item (the ring cursor runs on across items).
 template <typename T, int HEAD_DIM, int STAGES>
 __device__ __forceinline__ void consume(unsigned char* smem, T* __restrict__ out, long long o_tok, int o_head,
-                                        const Item& w, int qbuf, int row_bit, float scale_log2, int consumer,
+                                        const Item& w, int row_bit, float scale_log2, int consumer,
                                         RingCursor<STAGES>& ring) {
   using L = Layout<HEAD_DIM, STAGES>;
   constexpr int DB = HEAD_DIM / 64;  // 64-column output slabs
@@ -552,9 +545,17 @@ __device__ __forceinline__ void consume(unsigned char* smem, T* __restrict__ out
   const int wg_lo = max(row0, pos_lo), wg_hi = min(row0 + 64, pos_hi);  // valid rows of this warpgroup
   const int first_row = row0 + warp * 16;
 
-  // Q K^T reads this warpgroup's Q tile from Q buffer qbuf (the producer's first batch; the caller waited for it).
-  const unsigned long long q_desc =
-      smem_desc(base + L::Q_OFF + (2 * qbuf + consumer) * L::TILE_BYTES, 16, 1024);
+  // This warpgroup's Q tile (the producer's first batch; the caller waited for it) as wgmma A fragments, the
+  // layout ldmatrix gives: k-step kk's matrices are rows 0-7 / 8-15 of the warp's 16 by columns 16 kk + 0-7 /
+  // 8-15. Then the buffer goes back to the producer for the next item's Q.
+  unsigned qf[HEAD_DIM / 16][4];
+  {
+    const unsigned q_tile = base + L::Q_OFF + consumer * L::TILE_BYTES;
+    const int r = warp * 16 + (lane & 7) + (lane & 8);
+#pragma unroll
+    for (int kk = 0; kk < HEAD_DIM / 16; ++kk) ldmatrix_x4(qf[kk], q_tile + swizzled(r, 2 * kk + (lane >> 4)));
+    mbar_arrive(base + L::Q_BAR_OFF + 8);
+  }
 
   float acc[DB][32];
 #pragma unroll
@@ -572,7 +573,6 @@ __device__ __forceinline__ void consume(unsigned char* smem, T* __restrict__ out
   // turn per pair, live or not, so their turns pair up, across items too (the entry point starts and ends the
   // alternation).
   const int my_bar = 1 + consumer, other_bar = 2 - consumer;
-  const unsigned q_empty = base + L::Q_BAR_OFF + 16 + qbuf * 8;
   Step pending = {0, 0, 0, 0, 0};
   bool more = true;  // every item sends at least one tile (see produce)
   while (more) {
@@ -604,21 +604,19 @@ __device__ __forceinline__ void consume(unsigned char* smem, T* __restrict__ out
     step.stage1 = stage[1];
     step.n01 = n0[1];
     named_bar_sync(my_bar);
-    const unsigned q_release = more ? 0u : q_empty;
     if (step.count == 0) {
       wgmma_wait<0>();
       release(empty_bar, pending);
       pending.count = 0;
-      if (q_release) mbar_arrive(q_release);
       named_bar_arrive(other_bar);
       continue;
     }
     if (step.count == 2)
-      attend<T, HEAD_DIM, STAGES, 2>(acc, q_desc, row_max, row_sum, pos, base, step, pending, first_row, tq,
-                                     scale_log2, other_bar, q_release);
+      attend<T, HEAD_DIM, STAGES, 2>(acc, qf, row_max, row_sum, pos, base, step, pending, first_row, tq,
+                                     scale_log2, other_bar);
     else
-      attend<T, HEAD_DIM, STAGES, 1>(acc, q_desc, row_max, row_sum, pos, base, step, pending, first_row, tq,
-                                     scale_log2, other_bar, q_release);
+      attend<T, HEAD_DIM, STAGES, 1>(acc, qf, row_max, row_sum, pos, base, step, pending, first_row, tq,
+                                     scale_log2, other_bar);
     pending = step;
   }
   wgmma_wait<0>();
@@ -683,29 +681,27 @@ __global__ void __launch_bounds__(cubsattn::sm90::THREADS, 1) blocksparse_prefil
       mbar_init(bars + s * 8, 128);                        // full: every producer thread
       mbar_init(bars + (STAGES + s) * 8, 32 * CONSUMER_WARPS);  // empty: every consumer thread
     }
-    for (int b = 0; b < 2; ++b) {
-      mbar_init(smem_addr(smem + L::Q_BAR_OFF + b * 8), 128);                      // Q full: every producer thread
-      mbar_init(smem_addr(smem + L::Q_BAR_OFF + 16 + b * 8), 32 * CONSUMER_WARPS);  // Q empty: every consumer thread
-    }
+    mbar_init(smem_addr(smem + L::Q_BAR_OFF), 128);                     // Q full: every producer thread
+    mbar_init(smem_addr(smem + L::Q_BAR_OFF + 8), 32 * CONSUMER_WARPS);  // Q empty: every consumer thread
   }
   __syncthreads();
 
   // Registers: 384 threads start with 168 each; the producer needs few, the consumers (O, a pair's scores and P)
   // more: 128 x 56 + 256 x 224 = 384 x 168 (the pool a CTA starts with).
   //
-  // Item n uses Q buffer n & 1 and work-item slot n % 3. The producer loads item n + 1's Q and first tiles while
-  // the consumers finish item n; it waits only for item n - 1 to release the buffer.
+  // Item n uses work-item slot n % 3. The producer loads item n + 1's Q and first tiles while the consumers work on
+  // item n (they release the Q buffer once they hold item n's Q in registers).
   const int wg = threadIdx.x / 128;
   if (wg == 0) {
     asm volatile("setmaxnreg.dec.sync.aligned.u32 56;\n" ::: "memory");
     Item* slots = reinterpret_cast<Item*>(smem + L::ITEM_OFF);
-    const unsigned q_full = smem_addr(smem + L::Q_BAR_OFF), q_empty = q_full + 16;
+    const unsigned q_full = smem_addr(smem + L::Q_BAR_OFF), q_empty = q_full + 8;
     int it = 0;
     // Thread 0 reads each item one ahead (Item::load) right after issuing the current item's Q, its number drawn
     // one item earlier, so the chain of dependent global loads (counter, schedule, cu_seqlens, indptr, indices)
     // is off the path from one item's last tile to the next item's Q. The producer warpgroup reads an item after a
     // named barrier, the consumers once its Q barrier completes. Slot (n + 1) % 3 was last read at the start of
-    // item n - 2, whose Q buffer the producer has seen released before item n: the consumers are past it.
+    // item n - 2, and the producer has seen item n - 1's Q released before item n: the consumers are past it.
     const Schedule sched = {tiles, cu_q, cu_k, indptr, indices, next_item, num_items, num_heads, num_blocks,
                             nnz_stride, block_size};
     int drawn = 0;
@@ -714,16 +710,15 @@ __global__ void __launch_bounds__(cubsattn::sm90::THREADS, 1) blocksparse_prefil
       drawn = sched.draw();
     }
     for (int n = 0, slot = 0;; ++n, slot = slot == L::ITEM_SLOTS - 1 ? 0 : slot + 1) {
-      const int qbuf = n & 1;
-      if (n >= 2) mbar_wait(q_empty + qbuf * 8, ((n >> 1) - 1) & 1);  // item n - 2's last Q K^T is done
+      if (n >= 1) mbar_wait(q_empty, (n - 1) & 1);  // the consumers have item n - 1's Q in registers
       asm volatile("bar.sync 3, 128;\n" ::: "memory");  // the producer warpgroup reads the slot
       const Item w = slots[slot];
       if (w.head < 0) {  // no work left: the consumers read the slot and stop
-        mbar_arrive(q_full + qbuf * 8);
+        mbar_arrive(q_full);
         break;
       }
       produce<T, HEAD_DIM, STAGES>(smem, q, q_tok, q_head, k, k_tok, k_head, v, v_tok, v_head, w, w.head / group,
-                                   KeyWalk(w, indices, nnz_stride, block_size), qbuf, it, sched,
+                                   KeyWalk(w, indices, nnz_stride, block_size), it, sched,
                                    &slots[slot == L::ITEM_SLOTS - 1 ? 0 : slot + 1], drawn);
     }
   } else {
@@ -736,11 +731,10 @@ __global__ void __launch_bounds__(cubsattn::sm90::THREADS, 1) blocksparse_prefil
     if (c == 1) named_bar_arrive(1);
     const Item* slots = reinterpret_cast<const Item*>(smem + L::ITEM_OFF);
     for (int n = 0, slot = 0;; ++n, slot = slot == L::ITEM_SLOTS - 1 ? 0 : slot + 1) {
-      const int qbuf = n & 1;
-      mbar_wait(smem_addr(smem + L::Q_BAR_OFF + qbuf * 8), (n >> 1) & 1);  // Q of item n is in (and its slot)
+      mbar_wait(smem_addr(smem + L::Q_BAR_OFF), n & 1);  // Q of item n is in (and its slot)
       const Item w = slots[slot];
       if (w.head < 0) break;
-      consume<T, HEAD_DIM, STAGES>(smem, out, o_tok, o_head, w, qbuf, row_bit, scale_log2, c, ring);
+      consume<T, HEAD_DIM, STAGES>(smem, out, o_tok, o_head, w, row_bit, scale_log2, c, ring);
     }
     if (c == 0) named_bar_sync(1);
   }
