@@ -451,7 +451,10 @@ __device__ __forceinline__ void attend(float (&acc)[HEAD_DIM / 64][32], const un
 
   // Online softmax in base 2: p = 2^(s * scale_log2 - max * scale_log2), one FFMA and one EX2 per score; the
   // 4 lanes of a quad share a row. Max and sum as trees, not chains (the dependent latency is exposed otherwise).
-  float scale_old[2];
+  // The row maxima over all NT tiles first, then O is rebased, then per tile: its probabilities, rounded to T, are
+  // the register A operand of its P V (the accumulator layout of two adjacent 8-key column groups is the A layout
+  // of one 16-key step), issued at once, so the second tile's exponentials overlap the first tile's P V.
+  float base_r[2], scale_old[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     float m[4 * NT];
@@ -465,25 +468,11 @@ __device__ __forceinline__ void attend(float (&acc)[HEAD_DIM / 64][32], const un
     float mx = fmaxf(m[0], row_max[r]);
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-    const float base_r = mx == NEG_INF ? 0.f : mx * scale_log2;  // no key yet: keep everything finite
-    scale_old[r] = exp2_approx(row_max[r] * scale_log2 - base_r);
+    base_r[r] = mx == NEG_INF ? 0.f : mx * scale_log2;  // no key yet: keep everything finite
+    scale_old[r] = exp2_approx(row_max[r] * scale_log2 - base_r[r]);
     row_max[r] = mx;
-#pragma unroll
-    for (int j = 0; j < 4 * NT; ++j) {
-      float* p = s + j * 8 + 2 * r;
-      p[0] = exp2_approx(fmaf(p[0], scale_log2, -base_r));
-      p[1] = exp2_approx(fmaf(p[1], scale_log2, -base_r));
-      p[4] = exp2_approx(fmaf(p[4], scale_log2, -base_r));
-      p[5] = exp2_approx(fmaf(p[5], scale_log2, -base_r));
-      m[j] = (p[0] + p[1]) + (p[4] + p[5]);
-    }
-#pragma unroll
-    for (int w = 2 * NT; w >= 1; w /= 2)
-#pragma unroll
-      for (int j = 0; j < w; ++j) m[j] += m[j + w];
-    row_sum[r] = row_sum[r] * scale_old[r] + m[0];  // per-lane partial; quad-reduced at the end
+    row_sum[r] *= scale_old[r];  // per-lane partial; quad-reduced at the end
   }
-
 #pragma unroll
   for (int b = 0; b < DB; ++b)
 #pragma unroll
@@ -493,19 +482,33 @@ __device__ __forceinline__ void attend(float (&acc)[HEAD_DIM / 64][32], const un
       acc[b][j * 4 + 2] *= scale_old[1];
       acc[b][j * 4 + 3] *= scale_old[1];
     }
-  // The probabilities, rounded to T, are the register A operand of this step's P V (the accumulator layout of two
-  // adjacent 8-key column groups is the A layout of one 16-key step).
   unsigned pf[4 * NT][4];
 #pragma unroll
-  for (int kk = 0; kk < 4 * NT; ++kk) {
-    pf[kk][0] = pack2<T>(s[8 * kk + 0], s[8 * kk + 1]);
-    pf[kk][1] = pack2<T>(s[8 * kk + 2], s[8 * kk + 3]);
-    pf[kk][2] = pack2<T>(s[8 * kk + 4], s[8 * kk + 5]);
-    pf[kk][3] = pack2<T>(s[8 * kk + 6], s[8 * kk + 7]);
+  for (int h = 0; h < NT; ++h) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float m[4];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        float* p = s + (4 * h + j) * 8 + 2 * r;
+        p[0] = exp2_approx(fmaf(p[0], scale_log2, -base_r[r]));
+        p[1] = exp2_approx(fmaf(p[1], scale_log2, -base_r[r]));
+        p[4] = exp2_approx(fmaf(p[4], scale_log2, -base_r[r]));
+        p[5] = exp2_approx(fmaf(p[5], scale_log2, -base_r[r]));
+        m[j] = (p[0] + p[1]) + (p[4] + p[5]);
+      }
+      row_sum[r] += (m[0] + m[1]) + (m[2] + m[3]);
+    }
+#pragma unroll
+    for (int kk = 4 * h; kk < 4 * h + 4; ++kk) {
+      pf[kk][0] = pack2<T>(s[8 * kk + 0], s[8 * kk + 1]);
+      pf[kk][1] = pack2<T>(s[8 * kk + 2], s[8 * kk + 3]);
+      pf[kk][2] = pack2<T>(s[8 * kk + 4], s[8 * kk + 5]);
+      pf[kk][3] = pack2<T>(s[8 * kk + 6], s[8 * kk + 7]);
+    }
+    wgmma_fence();
+    issue_pv<T, HEAD_DIM>(acc, pf + 4 * h, base + L::V_OFF + (h == 0 ? step.stage0 : step.stage1) * L::TILE_BYTES);
   }
-  wgmma_fence();
-  issue_pv<T, HEAD_DIM>(acc, pf, base + L::V_OFF + step.stage0 * L::TILE_BYTES);
-  if constexpr (NT == 2) issue_pv<T, HEAD_DIM>(acc, pf + 4, base + L::V_OFF + step.stage1 * L::TILE_BYTES);
   wgmma_commit();
 }
 
