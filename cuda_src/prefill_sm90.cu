@@ -364,11 +364,12 @@ __device__ __forceinline__ void produce(unsigned char* smem, const T* __restrict
 // paid once per 128 keys. A pair half outside this warpgroup's CSR row (or after its last query) is released
 // unread, and a step with one live half computes only that half.
 //
-// A step: issue Q K^T; wait for it (and for the previous step's P V); softmax; rebase O; issue this step's P V and
-// leave it running. The tensor cores are kept busy by the other warpgroup (ping-pong, see consume), not by
-// overlapping a warpgroup's own P V with its softmax: that needs a second set of P registers, and with it the
-// consumers spill at 240 registers for D = 128 (writing P in place instead makes ptxas wait for the previous
-// P V before the softmax, which serialises them anyway).
+// A step: issue Q K^T; wait for it (and for the previous step's P V); row maxima; rebase O; per tile, its
+// probabilities and then its P V, left running (the second tile's exponentials overlap the first tile's P V). The
+// tensor cores are otherwise kept busy by the other warpgroup (ping-pong, see consume), not by overlapping a
+// warpgroup's P V with its next softmax: that holds a second set of P registers (more than the 224 a consumer has,
+// with Q in registers) and the pending pair's stages through the softmax (with a 5- or 6-stage ring for D = 128 it
+// measured 4-15% slower).
 
 // Q K^T with Q's A fragments in registers (qf[kk]: k-step kk): only K is read from shared memory (with both
 // operands there, the 64 x 64 x 16 steps would need all of its bandwidth).
