@@ -8,13 +8,14 @@ time. Times are per Python call (events around each call, host overhead included
 same call captured in a CUDA graph (cubsattn and SDPA alike: GPU time only, as a decode step under graph capture
 runs). Also: the sparse time with physical blocks in logical order (contig), cubsattn dense (vert_stride 0) on all
 bytes, fp8 cache on its (halved) needed bytes, and a split sweep (the heuristic's neighbours, or --sweep's counts).
-With --baseline DIR (a checkout of an earlier commit, e.g. a `git archive` snapshot), that checkout's
+With --baseline DIR[,DIR...] (checkouts of earlier commits or variants, e.g. `git archive` snapshots), each one's
 cuda_src/decode.cu is compiled too and launched through the current launch plans (its DecodeParams and shared-memory
-carve-up must match), alternating with the current kernels on the same inputs: graph-replay ms of both, in one process.
+carve-up must match; split counts its block list cannot hold are left out), alternating with the current kernels on
+the same inputs: graph-replay ms of all, in one process.
 Every cache is far larger than L2. Times: median of CUDA-event-timed runs after warm-up. torch only here.
 
     python benchmarks/bench_decode.py [--configs 64x8k,16x32k,256x2k,1x128k] [--no-peers] [--no-sweep]
-                                      [--sweep 4,5,6,8] [--baseline DIR]
+                                      [--sweep 4,5,6,8] [--baseline DIR[,DIR...]]
 """
 
 from __future__ import annotations
@@ -101,23 +102,34 @@ def needed_blocks(seq_len: int) -> int:
 
 
 def baseline_module(root):
-    """``root``/cuda_src/decode.cu compiled as the library compiles its own (same options and instantiations)."""
+    """``(module, block-list capacity)``: ``root``/cuda_src/decode.cu compiled as the library compiles its own (same
+    options), with the instantiations this benchmark launches on this device (bf16, D 128: the 16-bit kernel the
+    library picks and the fp8 one)."""
+    import re
     from pathlib import Path
 
     import cupy
 
     from cubsattn import _decode_cuda, _kernels
+    from cubsattn._checks import BFLOAT16
 
     src = Path(root) / "cuda_src"
+    text = (src / "decode.cu").read_text()
     options = ("--std=c++17", f"-I{src}", *(f"-I{d}" for d in _kernels.cuda_include_dirs()),
                *_decode_cuda.SOURCE.extra_options)
-    return cupy.RawModule(code=(src / "decode.cu").read_text(), options=options,
-                          name_expressions=list(_decode_cuda.SOURCE.name_expressions))
+    ctype, width = _kernels.ctype(BFLOAT16), _decode_cuda.group_width(HEADS // KV_HEADS)
+    bulk = int(cupy.cuda.Device().compute_capability) >= _decode_cuda.BULK_MIN_CC
+    names = [_decode_cuda._kernel_name(ctype, D, False, width, bulk), _decode_cuda._kernel_name(ctype, D, True, width,
+                                                                                                False)]
+    capacity = int(re.search(r"kMaxSplitBlocks = (\d+);", text).group(1))
+    return cupy.RawModule(code=text, options=options, name_expressions=names), capacity
 
 
-def ab_graph_ms(module, arrays, *, fp8, splits, sparse):
-    """Graph-replay ms of the current kernel and of ``module``'s (the baseline), twice each, alternating: one launch
-    plan (the current launcher's), so only the kernel differs."""
+def ab_graph_ms(baselines, arrays, *, fp8, splits, sparse):
+    """Graph-replay ms of the current kernel and of each baseline's (``{label: (module, capacity)}``), twice each,
+    alternating: one launch plan (the current launcher's; a baseline gets the shared memory of a full list of its
+    kMaxSplitBlocks entries), so only the kernel differs. A baseline whose list cannot hold a split of this plan is
+    left out."""
     import cupy
 
     from cubsattn import _decode_cuda, _kernels
@@ -128,13 +140,18 @@ def ab_graph_ms(module, arrays, *, fp8, splits, sparse):
         local_blocks=0, vert_stride=0, sparse_block=1)
     plan = _decode_cuda.plan_of(query, kc, bt, max_seq_len=ctx, context_len=ctx, fp8=fp8, scale=1 / D, k_scale=1.0,
                                 v_scale=1.0, tp_rank=0, sliding_step=STEP, num_splits=splits, **rule)
+    chunk = int(plan[4]["chunk_blocks"])
     bulk = not fp8 and int(cupy.cuda.Device().compute_capability) >= _decode_cuda.BULK_MIN_CC
-    name = _decode_cuda._kernel_name(_kernels.ctype(query.dtype), D, fp8, _decode_cuda.group_width(HEADS // KV_HEADS),
-                                     bulk)
-    base = module.get_function(name)
-    base.max_dynamic_shared_size_bytes = plan[3]
-    plans = {"new": plan, "base": (base, *plan[1:])}
-    times = {"new": [], "base": []}
+    width = _decode_cuda.group_width(HEADS // KV_HEADS)
+    name = _decode_cuda._kernel_name(_kernels.ctype(query.dtype), D, fp8, width, bulk)
+    plans = {"new": plan}
+    for label, (module, capacity) in baselines.items():
+        if chunk <= capacity:  # its list: `capacity` entries, whatever the split length
+            base = module.get_function(name)
+            smem = _decode_cuda.smem_bytes(D, fp8, width, bulk, chunk_blocks=capacity)
+            base.max_dynamic_shared_size_bytes = smem
+            plans[label] = (base, *plan[1:3], smem, *plan[4:])
+    times = {key: [] for key in plans}
     for _ in range(2):
         for key, p in plans.items():
             times[key].append(time_graph(lambda: _decode_cuda.launch_plan(p, query, kc, vc, bt, sl, out)))
@@ -164,9 +181,11 @@ def run(args):
           f"{'ratio':>5} {'graph ms':>8} {'SDPA gr':>8} {'g ratio':>7} {'contig ms':>9} {'dense ms':>8} {'dense TB/s':>10} {'fp8 ms':>7} {'fp8 TB/s':>8}")
     sweeps = []
     ab_rows = []
-    module = baseline_module(args.baseline) if args.baseline else None
-    if module is not None:
-        print(f"baseline: {args.baseline}/cuda_src/decode.cu (graph ms of two alternating passes per kernel)")
+    baselines = {}
+    for root in args.baseline.split(",") if args.baseline else ():
+        baselines[root.rstrip("/").split("/")[-1]] = module = baseline_module(root)
+        print(f"baseline {root.rstrip('/').split('/')[-1]}: {root}/cuda_src/decode.cu, block list {module[1]} "
+              f"(graph ms of two alternating passes per kernel)")
     for name in args.configs.split(","):
         num_seqs, ctx = CONFIGS[name]
         nblk = ctx // CACHE_BS
@@ -204,20 +223,21 @@ def run(args):
         if not args.no_sweep:
             for s in counts:
                 sweeps.append((name, s, time_cuda(call(kc, vc, splits=s), repeat=15)))
-        if module is not None:
+        if baselines:
             arrays = (query, kc, vc, block_tables, seq_lens, out)
             for s in sorted({splits, *counts}):
-                ab_rows.append((name, "sparse", s, ab_graph_ms(module, arrays, fp8=False, splits=s, sparse=True)))
-            ab_rows.append((name, "dense", splits, ab_graph_ms(module, arrays, fp8=False, splits=splits, sparse=False)))
+                ab_rows.append((name, "sparse", s, ab_graph_ms(baselines, arrays, fp8=False, splits=s, sparse=True)))
+            ab_rows.append((name, "dense", splits,
+                            ab_graph_ms(baselines, arrays, fp8=False, splits=splits, sparse=False)))
         del kc, vc
         cupy.get_default_memory_pool().free_all_blocks()
         k8 = random_fp8(rs, (num_blocks, KV_HEADS, D // 16, CACHE_BS, 16))
         v8 = random_fp8(rs, (num_blocks, KV_HEADS, D, CACHE_BS))
         t_fp8 = time_cuda(call(k8, v8, dtype="fp8"))
-        if module is not None:
+        if baselines:
             arrays = (query, k8, v8, block_tables, seq_lens, out)
             for s in sorted({splits, *counts}):
-                ab_rows.append((name, "fp8", s, ab_graph_ms(module, arrays, fp8=True, splits=s, sparse=True)))
+                ab_rows.append((name, "fp8", s, ab_graph_ms(baselines, arrays, fp8=True, splits=s, sparse=True)))
         del k8, v8
         cupy.get_default_memory_pool().free_all_blocks()
         t_sdpa = t_sdpa_graph = float("nan")
@@ -242,9 +262,11 @@ def run(args):
               f"{t_contig:9.3f} {t_dense:8.3f} {all_bytes / t_dense / 1e9:10.2f} "
               f"{t_fp8:7.3f} {need_bytes / 2 / t_fp8 / 1e9:8.2f}", flush=True)
         for _, kind, s, t in ab_rows:  # this configuration's baseline comparison, printed now in case a later one fails
-            new, base = statistics.median(t["new"]), statistics.median(t["base"])
-            print(f"    vs baseline, graph ms: {kind:>6} {s:4d} splits  new {' '.join(f'{x:.4f}' for x in t['new'])}"
-                  f"  base {' '.join(f'{x:.4f}' for x in t['base'])}  new/base {new / base:.3f}", flush=True)
+            new = statistics.median(t["new"])
+            line = " ".join(f" {key} {' '.join(f'{x:.4f}' for x in ts)} (new/{key} {new / statistics.median(ts):.3f})"
+                            for key, ts in t.items() if key != "new")
+            print(f"    vs baselines, graph ms: {kind:>6} {s:4d} splits  new {' '.join(f'{x:.4f}' for x in t['new'])}"
+                  f" {line}", flush=True)
         ab_rows.clear()
         del query, out, block_tables, seq_lens
         cupy.get_default_memory_pool().free_all_blocks()
@@ -260,7 +282,8 @@ def main():
     ap.add_argument("--no-peers", action="store_true")
     ap.add_argument("--no-sweep", action="store_true")
     ap.add_argument("--sweep", help="comma-separated split counts for the sweep (and the baseline comparison)")
-    ap.add_argument("--baseline", help="checkout of an earlier commit whose decode kernels to compare")
+    ap.add_argument("--baseline",
+                    help="comma-separated checkouts whose decode kernels to compare (label: last path part)")
     run(ap.parse_args())
 
 

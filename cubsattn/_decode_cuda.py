@@ -28,17 +28,19 @@ BULK_MIN_CC = 90
 #: 16x32k / 256x2k): 2 stages 0.352 / 0.312 / 0.419, 3 stages 0.329 / 0.317 / 0.418, 6 stages (one CTA per SM)
 #: 0.340 / 0.322 / 0.437: more bytes in flight than 2 x 2 x 32 KB per SM buys nothing.
 BULK_STAGES = {64: 6, 80: 4, 96: 4, 128: 3, 256: 3}
-#: Mirrors decode.cu: tokens per pipeline stage (CUDA-core fp8 kernel / tensor-core kernel) and the capacity of a
-#: CTA's block list: the most cache blocks one split may need. A split needs at most ``chunk_blocks`` = ceil(context
-#: blocks / splits) of them (decode.cu ``split_range``: equal ranges of that many blocks, or for the fp8 kernel equal
-#: shares of the blocks the sparse rule needs, which may span more).
+#: Mirrors decode.cu: tokens per pipeline stage (CUDA-core fp8 kernel / tensor-core kernel) and the largest block list
+#: of a CTA: the most cache blocks one split may need. A split needs at most ``chunk_blocks`` = ceil(context blocks /
+#: splits) of them (decode.cu ``split_range``: equal ranges of that many blocks, or for the fp8 kernel equal shares of
+#: the blocks the sparse rule needs, which may span more), and each launch gives its list exactly that many entries
+#: (the end of its dynamic shared memory).
 STAGE_TOKENS = 32
 MMA_STAGE_TOKENS = 64
-MAX_SPLIT_BLOCKS = 512
-#: Split heuristic: aim for this many CTAs per SM (both tensor-core kernels keep 2 resident for head sizes <= 128;
-#: split sweeps on an H200 put the best counts at 1 for 64 x 8k and 256 x 2k, 4-16 for 16 x 32k, 16-33 for 1 x 128k,
-#: for the cp.async kernel and the bulk-copy kernel alike), but never split a sequence into pieces shorter than
-#: MIN_SPLIT_TOKENS (each split pays a block-list prologue, a pipeline fill and a combine share).
+MAX_SPLIT_BLOCKS = 1024
+#: Split heuristic: the most splits whose CTAs fit one wave of this many per SM (both tensor-core kernels keep 2
+#: resident for head sizes <= 128; split sweeps on an H200 put the best counts at 1 for 64 x 8k and 256 x 2k, 16-33
+#: for 1 x 128k, and for 16 x 32k at 2, one wave of 256 CTAs: bulk-copy kernel graph replays 0.260 ms against
+#: 0.264-0.265 at 4 splits and 0.272 at 3), but never split a sequence into pieces shorter than MIN_SPLIT_TOKENS (each
+#: split pays a block-list prologue, a pipeline fill and a combine share).
 TARGET_CTAS_PER_SM = 2
 MIN_SPLIT_TOKENS = 1024
 
@@ -80,22 +82,26 @@ def group_width(group: int) -> int:
     return next(g for g in GROUP_WIDTHS if group <= g)
 
 
-def smem_bytes(head_size: int, fp8: bool, width: int, bulk: bool = False) -> int:
-    """Dynamic shared memory of one CTA: decode.cu's ``Smem<unsigned char, HEAD, GMAX>::kBytes`` (fp8),
-    ``bulk::Shape<HEAD, BULK_STAGES[HEAD]>::kBytes`` (bulk-copy kernel) or ``tc::Shape<HEAD>::kBytes`` (16-bit cache,
-    cp.async); the kernels trap if given less."""
+def smem_bytes(head_size: int, fp8: bool, width: int, bulk: bool = False, *,
+               chunk_blocks: int = MAX_SPLIT_BLOCKS) -> int:
+    """Dynamic shared memory of one CTA whose block list holds ``chunk_blocks`` entries: decode.cu's
+    ``Smem<unsigned char, HEAD, GMAX>::kFixedBytes`` (fp8), ``bulk::Shape<HEAD, BULK_STAGES[HEAD]>::kFixedBytes``
+    (bulk-copy kernel) or ``tc::Shape<HEAD>::kFixedBytes`` (16-bit cache, cp.async), plus 8 bytes per list entry; the
+    kernels trap if given less."""
     warps = THREADS // 32
     if bulk:
         stages = BULK_STAGES[head_size]
-        return stages * 2 * MMA_STAGE_TOKENS * head_size * 2 + 2 * stages * 8 + MAX_SPLIT_BLOCKS * 8 + 8 * 4 + 4 * 8 * 8
-    if fp8:
+        fixed = stages * 2 * MMA_STAGE_TOKENS * head_size * 2 + 2 * stages * 8 + 8 * 4 + 4 * 8 * 8
+    elif fp8:
         stage = 2 * STAGE_TOKENS * head_size
         stages = 4 if stage <= 16384 else 3
-        return (stages * stage + width * head_size * 4 + warps * width * 32 * 4 + width * 32 * 4 + width * 4
-                + width * 8 + MAX_SPLIT_BLOCKS * 8 + warps * 4)
-    stage = 2 * MMA_STAGE_TOKENS * head_size * 2
-    stages = 3 if head_size <= 128 else 2
-    return stages * stage + MAX_SPLIT_BLOCKS * 8 + warps * 4 + warps * 8 * 8
+        fixed = (stages * stage + width * head_size * 4 + warps * width * 32 * 4 + width * 32 * 4 + width * 4
+                 + width * 8 + warps * 4)
+    else:
+        stage = 2 * MMA_STAGE_TOKENS * head_size * 2
+        stages = 3 if head_size <= 128 else 2
+        fixed = stages * stage + warps * 4 + warps * 8 * 8
+    return fixed + chunk_blocks * 8
 
 
 def min_num_splits(context_len: int, block_size: int) -> int:
@@ -106,13 +112,13 @@ def min_num_splits(context_len: int, block_size: int) -> int:
 def choose_num_splits(num_seqs: int, num_kv_heads: int, context_len: int, block_size: int, num_sms: int) -> int:
     """Split count for ``num_seqs`` sequences of up to ``context_len`` tokens.
 
-    One CTA per (sequence, kv head, split): enough splits to give every SM about TARGET_CTAS_PER_SM CTAs, but no
-    split shorter than MIN_SPLIT_TOKENS, and no fewer than ``min_num_splits``. Examples on 132 SMs, 8 kv heads,
-    cache block 16: 256 x 2k -> 1 split (2048 CTAs); 64 x 8k -> 1 (512); 16 x 32k -> 4 (512); 1 x 128k -> 33
-    (264 CTAs).
+    One CTA per (sequence, kv head, split): the most splits whose CTAs still fit one wave of TARGET_CTAS_PER_SM
+    per SM (at least 1), but no split shorter than MIN_SPLIT_TOKENS, and no fewer than ``min_num_splits``. Examples
+    on 132 SMs, 8 kv heads, cache block 16: 256 x 2k -> 1 split (2048 CTAs); 64 x 8k -> 1 (512); 16 x 32k -> 2
+    (256); 1 x 128k -> 33 (264 CTAs).
     """
     units = max(1, num_seqs * num_kv_heads)
-    want = math.ceil(TARGET_CTAS_PER_SM * num_sms / units)
+    want = max(1, TARGET_CTAS_PER_SM * num_sms // units)
     longest = max(1, context_len // MIN_SPLIT_TOKENS)
     splits = max(min_num_splits(context_len, block_size), min(want, longest), 1)
     # Equal chunks of whole cache blocks; drop splits that the rounding left empty.
@@ -121,7 +127,7 @@ def choose_num_splits(num_seqs: int, num_kv_heads: int, context_len: int, block_
 
 
 _WORKSPACES: dict[tuple, tuple] = {}
-_KERNELS: dict[tuple, tuple] = {}
+_KERNELS: dict[tuple, object] = {}
 
 
 def _compute_capability() -> int:
@@ -132,17 +138,16 @@ def _compute_capability() -> int:
 
 
 def _configured_kernel(ctype: str, head_size: int, fp8: bool, width: int, bulk: bool):
-    """``(kernel, dynamic shared memory bytes)``, the kernel's shared-memory limit raised once per device."""
+    """The kernel, its shared-memory limit raised once per device to what a MAX_SPLIT_BLOCKS-entry list needs."""
     import cupy
 
     key = (cupy.cuda.Device().id, ctype, head_size, fp8, width, bulk)
-    hit = _KERNELS.get(key)
-    if hit is None:
-        smem = smem_bytes(head_size, fp8, width, bulk)
-        kernel = _kernels.get_function(SOURCE.filename, _kernel_name(ctype, head_size, fp8, width, bulk),
-                                       dynamic_smem=smem)
-        hit = _KERNELS[key] = (kernel, smem)
-    return hit
+    kernel = _KERNELS.get(key)
+    if kernel is None:
+        kernel = _KERNELS[key] = _kernels.get_function(
+            SOURCE.filename, _kernel_name(ctype, head_size, fp8, width, bulk),
+            dynamic_smem=smem_bytes(head_size, fp8, width, bulk))
+    return kernel
 
 
 def _workspace(num_seqs: int, num_heads: int, num_splits: int, head_size: int):
@@ -214,7 +219,8 @@ def _plan(query, key_cache, block_tables, *, max_seq_len, context_len, fp8, scal
 
     ctype = _kernels.ctype(query.dtype)
     bulk = not fp8 and _compute_capability() >= BULK_MIN_CC
-    kernel, smem = _configured_kernel(ctype, head_size, fp8, width, bulk)
+    kernel = _configured_kernel(ctype, head_size, fp8, width, bulk)
+    smem = smem_bytes(head_size, fp8, width, bulk, chunk_blocks=chunk_blocks)
     item = query.dtype.itemsize
     params = np.array((query.strides[0] // item, query.strides[1] // item, num_blocks, block_tables.shape[1],
                        block_tables.strides[0] // 4, max_seq_len, block_size.bit_length() - 1, num_kv_heads, group,

@@ -16,10 +16,12 @@ constexpr int kThreads = 128;
 constexpr int kWarps = kThreads / 32;
 // Tokens per pipeline stage: one lane per token in the QK product, so a stage is 1, 2 or 4 cache blocks (BS 32/16/8).
 constexpr int kStageTokens = 32;
-// Capacity of a CTA's compacted block list (shared memory): the cache blocks one split needs. A split needs at most
-// chunk_blocks of them (split_range), and the host heuristic (cubsattn/_decode_cuda.py, MAX_SPLIT_BLOCKS) never
-// makes chunk_blocks larger.
-constexpr int kMaxSplitBlocks = 512;
+// A CTA's compacted block list (shared memory) holds the cache blocks one split needs: at most chunk_blocks of them
+// (split_range). It is the last part of the dynamic shared memory, sized per launch to chunk_blocks entries, which
+// the host (cubsattn/_decode_cuda.py, MAX_SPLIT_BLOCKS) keeps <= kMaxSplitBlocks: launches of short splits keep the
+// shared memory, and so the CTAs per SM, that a fixed 512-entry list gave them, and 16 x 32k (cache block 16) can
+// run 2 splits of 1024 blocks, 256 CTAs: one wave of two per SM on 132 SMs.
+constexpr int kMaxSplitBlocks = 1024;
 
 // Every scalar argument of the attention kernels, passed by value as one struct (the launcher's NumPy structured
 // scalar _decode_cuda.PARAMS_DTYPE mirrors it field for field). CuPy converts every scalar argument on every launch:
@@ -56,7 +58,7 @@ struct Shape {
   static_assert(HEAD % kX == 0, "head size must be a multiple of x");
 };
 
-// Shared-memory carve-up (bytes); the host computes the same total via paged_decode_smem_bytes().
+// Shared-memory carve-up (bytes) before the block list; the host computes the same total (_decode_cuda.smem_bytes).
 template <typename CT, int HEAD, int GMAX>
 struct Smem {
   using S = Shape<CT, HEAD>;
@@ -66,9 +68,9 @@ struct Smem {
   static constexpr int kPOff = kRedOff + kWarps * GMAX * 32 * 4;               // float p[GMAX][32]
   static constexpr int kAlphaOff = kPOff + GMAX * 32 * 4;                      // float alpha[GMAX]
   static constexpr int kMlOff = kAlphaOff + GMAX * 4;                          // float2 ml[GMAX]
-  static constexpr int kListOff = kMlOff + GMAX * 8;                           // int2 list[kMaxSplitBlocks]
-  static constexpr int kCountOff = kListOff + kMaxSplitBlocks * 8;             // int count[kWarps]
-  static constexpr int kBytes = kCountOff + kWarps * 4;
+  static constexpr int kCountOff = kMlOff + GMAX * 8;                          // int count[kWarps]
+  static constexpr int kListOff = kCountOff + kWarps * 4;                      // int2 list[chunk_blocks]
+  static constexpr int kFixedBytes = kListOff;
   // The epilogue reduces the per-group accumulators through the (drained) stage buffers.
   static_assert(4 * GMAX * HEAD * 4 <= S::kStages * S::kStageBytes, "epilogue scratch must fit the stages");
 };
@@ -184,8 +186,7 @@ template <typename T, int HEAD>
 __device__ void combine_splits_if_last(T* __restrict__ out, const float* __restrict__ part_o,
                                        const float2* __restrict__ part_ml, int* __restrict__ counter, size_t row0,
                                        int group, int num_splits,
-                                       int* last_s,       // shared: 1 int
-                                       float2* stat_s) {  // shared: per head, (max m over non-empty splits, 1 / sum)
+                                       int* last_s) {  // shared: 1 int
   __threadfence();  // this thread's partial stores are visible device-wide before the ticket
   __syncthreads();  // also: every thread is done with the scratch's earlier contents
   if (threadIdx.x == 0) *last_s = atomicAdd(counter, 1) == num_splits - 1;
@@ -193,49 +194,39 @@ __device__ void combine_splits_if_last(T* __restrict__ out, const float* __restr
   if (!*last_s) return;
   __threadfence();  // the other splits' stores were fenced before their tickets: read them after ours
   if (threadIdx.x == 0) *counter = 0;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, num_warps = blockDim.x >> 5;
+  // One pass per output column with a running max (a max pass first, then a sum pass, then the outputs cost three
+  // dependent L2 round trips and two barriers at the very end of the launch, when nothing else hides them).
   // __ldcg: the partials were written by other SMs during this launch; read them from L2, never from a stale L1 line.
-  for (int i = warp; i < group; i += num_warps) {
-    const float2* ml = part_ml + (row0 + i) * num_splits;
-    float mx = neg_inf();
-    for (int q = lane; q < num_splits; q += 32) {
-      const float2 v = __ldcg(ml + q);
-      if (v.y > 0.0f) mx = fmaxf(mx, v.x);
-    }
-    mx = warp_max(mx);
-    float sum = 0.0f;
-    for (int q = lane; q < num_splits; q += 32) {
-      const float2 v = __ldcg(ml + q);
-      sum += v.y > 0.0f ? v.y * exp2f(v.x - mx) : 0.0f;  // an empty split wrote no output: weight 0
-    }
-    sum = warp_sum(sum);
-    if (lane == 0) stat_s[i] = make_float2(mx, sum > 0.0f ? 1.0f / sum : 0.0f);
-  }
-  __syncthreads();
   constexpr int kVecs = HEAD / 4;  // float4 columns of one row
   for (int item = threadIdx.x; item < group * kVecs; item += blockDim.x) {
     const int i = item / kVecs, c = item % kVecs;
-    const float2 st = stat_s[i];
     const float2* ml = part_ml + (row0 + i) * num_splits;
     const float4* o = reinterpret_cast<const float4*>(part_o + (row0 + i) * num_splits * HEAD) + c;
+    float m = neg_inf(), l = 0.0f;
     float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
 #pragma unroll 4
     for (int q = 0; q < num_splits; ++q) {
+      // Loaded unconditionally so that the unrolled loads issue together; an empty split's row (never written) is
+      // not used.
       const float2 v = __ldcg(ml + q);
-      if (v.y > 0.0f) {
-        const float w = v.y * exp2f(v.x - st.x);
-        const float4 x = __ldcg(o + (size_t)q * kVecs);
-        acc.x = fmaf(w, x.x, acc.x);
-        acc.y = fmaf(w, x.y, acc.y);
-        acc.z = fmaf(w, x.z, acc.z);
-        acc.w = fmaf(w, x.w, acc.w);
+      const float4 x = __ldcg(o + (size_t)q * kVecs);
+      if (v.y > 0.0f) {  // an empty split has weight 0; a non-empty one a finite max
+        const float m_new = fmaxf(m, v.x);
+        const float a = exp2f(m - m_new), w = v.y * exp2f(v.x - m_new);
+        l = fmaf(l, a, w);
+        acc.x = fmaf(acc.x, a, w * x.x);
+        acc.y = fmaf(acc.y, a, w * x.y);
+        acc.z = fmaf(acc.z, a, w * x.z);
+        acc.w = fmaf(acc.w, a, w * x.w);
+        m = m_new;
       }
     }
+    const float inv = l > 0.0f ? 1.0f / l : 0.0f;
     T* dst = out + (row0 + i) * HEAD + 4 * c;
-    dst[0] = from_float<T>(acc.x * st.y);
-    dst[1] = from_float<T>(acc.y * st.y);
-    dst[2] = from_float<T>(acc.z * st.y);
-    dst[3] = from_float<T>(acc.w * st.y);
+    dst[0] = from_float<T>(acc.x * inv);
+    dst[1] = from_float<T>(acc.y * inv);
+    dst[2] = from_float<T>(acc.z * inv);
+    dst[3] = from_float<T>(acc.w * inv);
   }
 }
 
@@ -311,14 +302,25 @@ __device__ int2 split_range(int split, int num_splits, int len, int nblk, int kv
 
 // ---------------------------------------------------------------------------------------------------------------
 // Block list: the logical cache blocks [j0, j1) of one sequence that at least one query head of kv head `kvh`'s group
-// needs, compacted in order into list[] as (physical block id, head mask | valid tokens << 8). The sparse rule is
-// evaluated per cache block at sparse-block granularity (k_sb = j * BS / sparse_block, q_sb = (len - 1) /
-// sparse_block); ids outside [0, num_blocks) are dropped. All NT threads of the CTA call it (count[] holds NT / 32
-// ints); returns the count.
+// needs, compacted in order into list[] (chunk_blocks entries) as (physical block id, head mask | valid tokens << 8).
+// The sparse rule is evaluated per cache block at sparse-block granularity (k_sb = j * BS / sparse_block, q_sb =
+// (len - 1) / sparse_block); ids outside [0, num_blocks) are dropped. All NT threads of the CTA call it (count[]
+// holds NT / 32 ints); returns the count.
+//
+// A round covers NT * per table entries, `per` consecutive ones per thread (as few as cover [j0, j1), at most kPer),
+// all loaded before any is used: a split of up to kMaxSplitBlocks blocks costs one memory latency, not one per NT
+// entries (7 of them for 1024 blocks and 160 threads, paid before the CTA's first bulk copy; in a one-wave launch
+// every CTA pays them at once, with HBM idle). `per` is not fixed at kPer: the rule costs GMAX modulo operations per
+// entry, and with 7 entries per thread on a 128-block split (256 x 2k) the build ran the bulk kernel 6% slower on an
+// H200. Each thread appends its entries after the CTA-wide prefix of the counts before it (warp scan + count[]).
+// The fp8 kernel passes MAX_PER = 1 (one entry per thread per round, as before): with kPer entries ptxas gave it 10-32
+// more registers (sm_90), one resident CTA per SM fewer at group width 4 for D 64-96 and 256, and that kernel is
+// instruction-bound, not latency-bound.
 
-template <int GMAX, int NT = kThreads>
+template <int GMAX, int NT = kThreads, int MAX_PER = (kMaxSplitBlocks + NT - 1) / NT>
 __device__ int build_block_list(int2* list, int* count, const int* __restrict__ table_row, int j0, int j1, int len,
                                 int kvh, const DecodeParams& p) {
+  constexpr int kPer = MAX_PER;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int group = p.group, log2_bs = p.log2_bs, sparse_block = p.sparse_block;
   const int q_sb = (len - 1) / sparse_block;
@@ -326,43 +328,60 @@ __device__ int build_block_list(int2* list, int* count, const int* __restrict__ 
 #pragma unroll
   for (int i = 0; i < GMAX; ++i) offset[i] = stripe_offset(i, kvh, p);
   const unsigned all_heads = (1u << group) - 1u;
+  const int per = min(kPer, (j1 - j0 + NT - 1) / NT);
   int n_act = 0;
-  for (int base = j0; base < j1; base += NT) {
-    const int j = base + tid;
-    unsigned mask = 0;
-    int phys = 0;
-    if (j < j1) {
-      phys = table_row[j];
-      if (phys >= 0 && phys < p.num_blocks) {
+  for (int base = j0; base < j1; base += NT * per) {
+    const int jt = base + tid * per;  // this thread's first entry
+    int phys[kPer];
+#pragma unroll
+    for (int k = 0; k < kPer; ++k) phys[k] = k < per && jt + k < j1 ? table_row[jt + k] : -1;
+    unsigned mask[kPer];
+    int mine = 0;
+#pragma unroll
+    for (int k = 0; k < kPer; ++k) {
+      mask[k] = 0;
+      if (phys[k] >= 0 && phys[k] < p.num_blocks) {  // also false for no entry (-1)
         if (p.vert_stride <= 1) {
-          mask = all_heads;
+          mask[k] = all_heads;
         } else {
-          const int k_sb = (j << log2_bs) / sparse_block;
+          const int k_sb = ((jt + k) << log2_bs) / sparse_block;
 #pragma unroll
           for (int i = 0; i < GMAX; ++i) {
-            if (i < group && is_block_active(q_sb, k_sb, offset[i], p.local_blocks, p.vert_stride)) mask |= 1u << i;
+            if (i < group && is_block_active(q_sb, k_sb, offset[i], p.local_blocks, p.vert_stride))
+              mask[k] |= 1u << i;
           }
         }
       }
+      mine += mask[k] != 0;
     }
-    const unsigned ballot = __ballot_sync(0xffffffffu, mask != 0);
-    if (lane == 0) count[warp] = __popc(ballot);
+    int incl = mine;  // inclusive scan of the counts over the warp
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const int v = __shfl_up_sync(0xffffffffu, incl, o);
+      incl += lane >= o ? v : 0;
+    }
+    if (lane == 31) count[warp] = incl;
     __syncthreads();
-    int before = n_act, total = 0;
+    int slot = n_act + incl - mine, total = 0;
 #pragma unroll
     for (int w = 0; w < NT / 32; ++w) {
-      before += w < warp ? count[w] : 0;
+      slot += w < warp ? count[w] : 0;
       total += count[w];
     }
-    const int slot = before + __popc(ballot & ((1u << lane) - 1u));
-    if (mask != 0 && slot < kMaxSplitBlocks) {  // a valid launch never fills the list (split_range)
-      const int ntok = min(1 << log2_bs, len - (j << log2_bs));
-      list[slot] = make_int2(phys, (int)mask | (ntok << 8));
+#pragma unroll
+    for (int k = 0; k < kPer; ++k) {
+      if (mask[k] != 0) {
+        if (slot < p.chunk_blocks) {  // the list's capacity; a valid launch never fills it (split_range)
+          const int ntok = min(1 << log2_bs, len - ((jt + k) << log2_bs));
+          list[slot] = make_int2(phys[k], (int)mask[k] | (ntok << 8));
+        }
+        ++slot;
+      }
     }
     n_act += total;
-    __syncthreads();  // count[] is rewritten by the next round
+    __syncthreads();  // count[] is rewritten by the next round; list[] complete after the last
   }
-  return min(n_act, kMaxSplitBlocks);
+  return min(n_act, p.chunk_blocks);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -375,21 +394,21 @@ struct SplitCta {
   int len, nblk, j0, j1;                           // clamped length, its cache blocks, this split's [j0, j1)
 };
 
-// Traps unless the launch gave at least SMEM_BYTES of dynamic shared memory (the host computes the carve-up size
-// separately: a mismatch must fail loudly, not corrupt), clamps the sequence length so that no input can make the
-// kernel read outside the cache or the block table, and picks the split's logical cache blocks. A CTA whose split
+// Traps unless the launch gave at least FIXED_BYTES of dynamic shared memory plus a chunk_blocks-entry block list
+// (the host computes the carve-up size separately: a mismatch must fail loudly, not corrupt), clamps the sequence
+// length so that no input can make the kernel read outside the cache or the block table, and picks the split's
+// logical cache blocks. A CTA whose split
 // holds none writes what it owes (zeros with one split; else an empty partial, then the combine if it is the last
 // split to finish) and gets false.
-template <typename T, int HEAD, int GMAX, bool BALANCE, int THREADS, int SMEM_BYTES>
+template <typename T, int HEAD, int GMAX, bool BALANCE, int THREADS, int FIXED_BYTES>
 __device__ __forceinline__ bool begin_split(SplitCta& c, int split, T* __restrict__ out, float* __restrict__ part_o,
                                             float2* __restrict__ part_ml, int* __restrict__ counters,
-                                            const int* __restrict__ seq_lens, const DecodeParams& p, int* count_s,
-                                            float2* ml_s) {
+                                            const int* __restrict__ seq_lens, const DecodeParams& p, int* count_s) {
   const int tid = threadIdx.x;
   {
     unsigned dyn;
     asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dyn));
-    if (dyn < (unsigned)SMEM_BYTES) __trap();
+    if (dyn < (unsigned)FIXED_BYTES + 8u * (unsigned)p.chunk_blocks) __trap();
   }
   c.num_splits = gridDim.x;
   c.split = split;
@@ -412,7 +431,7 @@ __device__ __forceinline__ bool begin_split(SplitCta& c, int split, T* __restric
   }
   if (tid < p.group) part_ml[(row0 + tid) * c.num_splits + split] = make_float2(neg_inf(), 0.0f);
   combine_splits_if_last<T, HEAD>(out, part_o, part_ml, counters + (size_t)c.seq * p.num_kv_heads + c.kvh, row0,
-                                  p.group, c.num_splits, count_s, ml_s);
+                                  p.group, c.num_splits, count_s);
   return false;
 }
 
@@ -456,7 +475,7 @@ __global__ void __launch_bounds__(kThreads, 2) paged_decode(
   {
     unsigned dyn;  // the host computes the carve-up size separately: a mismatch must fail loudly, not corrupt
     asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dyn));
-    if (dyn < (unsigned)M::kBytes) __trap();
+    if (dyn < (unsigned)M::kFixedBytes + 8u * (unsigned)p.chunk_blocks) __trap();
   }
   const int num_splits = gridDim.x;
   const int split = blockIdx.x, kvh = blockIdx.y, seq = blockIdx.z;
@@ -480,14 +499,15 @@ __global__ void __launch_bounds__(kThreads, 2) paged_decode(
     if (tid < p.group)
       part_ml[((size_t)seq * num_heads + h0 + tid) * num_splits + split] = make_float2(neg_inf(), 0.0f);
     combine_splits_if_last<T, HEAD>(out, part_o, part_ml, counters + (size_t)seq * p.num_kv_heads + kvh,
-                                    (size_t)seq * num_heads + h0, p.group, num_splits, count_s, ml_s);
+                                    (size_t)seq * num_heads + h0, p.group, num_splits, count_s);
     return;
   }
 
 
   // ---- (1) compact the blocks the group needs ------------------------------------------------------------------
   const int n_act =
-      build_block_list<GMAX>(list_s, count_s, block_tables + (size_t)seq * p.bt_stride, j0, j1, len, kvh, p);
+      build_block_list<GMAX, kThreads, 1>(list_s, count_s, block_tables + (size_t)seq * p.bt_stride, j0, j1, len, kvh,
+                                          p);
 
   for (int q = tid; q < GMAX * HEAD; q += kThreads) {
     const int i = q / HEAD, d = q % HEAD;
@@ -702,7 +722,7 @@ __global__ void __launch_bounds__(kThreads, 2) paged_decode(
   if (num_splits > 1) {
     if (tid < p.group) part_ml[((size_t)seq * num_heads + h0 + tid) * num_splits + split] = ml_s[tid];
     combine_splits_if_last<T, HEAD>(out, part_o, part_ml, counters + (size_t)seq * p.num_kv_heads + kvh,
-                                    (size_t)seq * num_heads + h0, p.group, num_splits, count_s, ml_s);
+                                    (size_t)seq * num_heads + h0, p.group, num_splits, count_s);
   }
 }
 
@@ -724,10 +744,10 @@ struct Shape {
   static constexpr int kKStageBytes = kStageTokens * HEAD * 2;
   static constexpr int kStageBytes = 2 * kKStageBytes;
   static constexpr int kStages = HEAD <= 128 ? 3 : 2;  // 96 KB (two CTAs per SM) / 128 KB for D = 256
-  static constexpr int kListOff = kStages * kStageBytes;                 // int2 list[kMaxSplitBlocks]
-  static constexpr int kCountOff = kListOff + kMaxSplitBlocks * 8;       // int count[kWarps]
+  static constexpr int kCountOff = kStages * kStageBytes;                // int count[kWarps]
   static constexpr int kMlOff = kCountOff + kWarps * 4;                  // float2 ml[kWarps][8]
-  static constexpr int kBytes = kMlOff + kWarps * 8 * 8;
+  static constexpr int kListOff = kMlOff + kWarps * 8 * 8;               // int2 list[chunk_blocks]
+  static constexpr int kFixedBytes = kListOff;
   static_assert(HEAD % 16 == 0, "head size must be a multiple of 16");
   static_assert(kWarps * 8 * HEAD * 4 <= kStages * kStageBytes, "epilogue scratch must fit the stages");
 };
@@ -863,8 +883,8 @@ __global__ void __launch_bounds__(kThreads, 1) paged_decode_mma(
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   SplitCta c;  // the last split (dense local window) is scheduled first
-  if (!begin_split<T, HEAD, 8, false, kThreads, S::kBytes>(c, gridDim.x - 1 - blockIdx.x, out, part_o, part_ml,
-                                                           counters, seq_lens, p, count_s, ml_s))
+  if (!begin_split<T, HEAD, 8, false, kThreads, S::kFixedBytes>(c, gridDim.x - 1 - blockIdx.x, out, part_o, part_ml,
+                                                                counters, seq_lens, p, count_s))
     return;
   const int num_splits = c.num_splits, split = c.split, kvh = c.kvh, seq = c.seq;
   const int num_heads = c.num_heads, h0 = c.h0, len = c.len, j0 = c.j0, j1 = c.j1;
@@ -1000,7 +1020,7 @@ __global__ void __launch_bounds__(kThreads, 1) paged_decode_mma(
   }
   if (num_splits > 1)
     combine_splits_if_last<T, HEAD>(out, part_o, part_ml, counters + (size_t)seq * p.num_kv_heads + kvh,
-                                    (size_t)seq * num_heads + h0, p.group, num_splits, count_s, ml_s);
+                                    (size_t)seq * num_heads + h0, p.group, num_splits, count_s);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -1023,10 +1043,10 @@ struct Shape {
   static constexpr int kKStageBytes = tc::kStageTokens * HEAD * 2;
   static constexpr int kStageBytes = 2 * kKStageBytes;
   static constexpr int kBarOff = STAGES * kStageBytes;              // uint64 full[STAGES], empty[STAGES]
-  static constexpr int kListOff = kBarOff + 2 * STAGES * 8;         // int2 list[kMaxSplitBlocks]
-  static constexpr int kCountOff = kListOff + kMaxSplitBlocks * 8;  // int count[kThreads / 32] (8 reserved)
+  static constexpr int kCountOff = kBarOff + 2 * STAGES * 8;        // int count[kThreads / 32] (8 reserved)
   static constexpr int kMlOff = kCountOff + 8 * 4;                  // float2 ml[kConsumerWarps][8]
-  static constexpr int kBytes = kMlOff + kConsumerWarps * 8 * 8;
+  static constexpr int kListOff = kMlOff + kConsumerWarps * 8 * 8;  // int2 list[chunk_blocks]
+  static constexpr int kFixedBytes = kListOff;
   static_assert(kThreads / 32 <= 8, "count[] reserves 8 ints");
   static_assert(kConsumerWarps * 8 * HEAD * 4 <= STAGES * kStageBytes, "epilogue scratch must fit the stages");
 };
@@ -1070,8 +1090,8 @@ __global__ void __launch_bounds__(bulk::kThreads, HEAD <= 128 ? 2 : 1) paged_dec
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   SplitCta c;  // the last split (dense local window) is scheduled first
-  if (!begin_split<T, HEAD, 8, false, kThreads, S::kBytes>(c, gridDim.x - 1 - blockIdx.x, out, part_o, part_ml,
-                                                           counters, seq_lens, p, count_s, ml_s))
+  if (!begin_split<T, HEAD, 8, false, kThreads, S::kFixedBytes>(c, gridDim.x - 1 - blockIdx.x, out, part_o, part_ml,
+                                                                counters, seq_lens, p, count_s))
     return;
   const int num_splits = c.num_splits, split = c.split, kvh = c.kvh, seq = c.seq;
   const int num_heads = c.num_heads, h0 = c.h0, len = c.len, j0 = c.j0, j1 = c.j1;
@@ -1211,7 +1231,7 @@ __global__ void __launch_bounds__(bulk::kThreads, HEAD <= 128 ? 2 : 1) paged_dec
   }
   if (num_splits > 1)
     combine_splits_if_last<T, HEAD>(out, part_o, part_ml, counters + (size_t)seq * p.num_kv_heads + kvh,
-                                    (size_t)seq * num_heads + h0, p.group, num_splits, count_s, ml_s);
+                                    (size_t)seq * num_heads + h0, p.group, num_splits, count_s);
 #else
   __trap();
 #endif

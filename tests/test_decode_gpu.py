@@ -66,7 +66,7 @@ PHI3 = dict(dtype=BF16, head_size=128, num_kv_heads=2, group=4, block_size=16, s
 
 @pytest.mark.parametrize("kw", [
     dict(PHI3, seq_lens=(3000, 1500, 5)),
-    dict(PHI3, seq_lens=(4100,), block_size=8, fp8=True, k_scale=0.5, v_scale=2.0),
+    dict(PHI3, seq_lens=(8200,), block_size=8, fp8=True, k_scale=0.5, v_scale=2.0),
     dict(dtype=FP16, head_size=80, group=3, block_size=32, sparse_block=32, seq_lens=(2000, 700), step=-1),
 ], ids=["phi3", "fp8-bs8", "d80-bs32"])
 def test_split_and_single_agree(kw, kernel):
@@ -75,7 +75,7 @@ def test_split_and_single_agree(kw, kernel):
     gpu = to_gpu(case)
     want = oracle(case)
     dtype = case["query"].dtype
-    # 1 split needs ceil(4100 / 8) = 513 blocks > 512 for the bs-8 case: start at the least allowed count.
+    # 1 split needs ceil(8200 / 8) = 1025 blocks > 1024 for the bs-8 case: start at the least allowed count.
     least = 2 if kw.get("block_size") == 8 else 1
     base = run_gpu(gpu, num_splits=least)
     assert_close(base, want, dtype)
@@ -116,15 +116,15 @@ def test_splits_agree_with_one(kw, fp8, kernel):
 
 @pytest.mark.parametrize("fp8", [False, True], ids=["16bit", "fp8"])
 @pytest.mark.parametrize("kw,splits", [
-    (dict(PHI3, head_size=64, num_kv_heads=1, group=2, block_size=8, vert_stride=0, seq_lens=(4096, 7)), 1),
-    # vert 2 and 2 heads: every block is needed, so both splits fill the 512-entry block list exactly.
+    (dict(PHI3, head_size=64, num_kv_heads=1, group=2, block_size=8, vert_stride=0, seq_lens=(8192, 7)), 1),
+    # vert 2 and 2 heads: every block is needed, so both splits fill the 1024-entry block list exactly.
     (dict(PHI3, head_size=64, num_kv_heads=1, group=2, block_size=8, sparse_block=16, local_blocks=1, vert_stride=2,
-          seq_lens=(8192, 8191)), 2),
-    # 1 stripe in 32: balanced (fp8), the first split of the 8200-token sequence spans 760 blocks (more than the list
-    # holds) but needs 16 of them.
-    (dict(PHI3, head_size=64, num_kv_heads=1, block_size=8, local_blocks=4, vert_stride=32, step=0,
-          seq_lens=(8200, 4096, 1)), 3),
-], ids=["dense-512", "all-needed-2x512", "long-spans"])
+          seq_lens=(16384, 16383)), 2),
+    # 1 stripe in 32: balanced (fp8), the first split of the 16200-token sequence spans 1788 blocks (more than the
+    # list holds) but needs 63 of them.
+    (dict(PHI3, head_size=64, num_kv_heads=1, block_size=8, local_blocks=7, vert_stride=32, step=0,
+          seq_lens=(16200, 4096, 1)), 2),
+], ids=["dense-1024", "all-needed-2x1024", "long-spans"])
 def test_block_list_capacity(kw, splits, fp8, kernel):
     # The fewest splits allowed (MAX_SPLIT_BLOCKS needed blocks per split) read every block: nothing is dropped.
     from cubsattn import _decode_cuda
@@ -224,7 +224,7 @@ def test_gpu_only_errors():
     case = to_gpu(make_case(rng, group=9, num_kv_heads=1))
     with pytest.raises(NotImplementedError, match=r"num_heads / num_kv_heads \(9\) must be <= 8"):
         run(case)
-    case = to_gpu(make_case(rng, seq_lens=(5000,), block_size=8, sparse_block=8))
+    case = to_gpu(make_case(rng, seq_lens=(9000,), block_size=8, sparse_block=8))
     with pytest.raises(ValueError, match=r"num_splits \(1\) must be >= 2"):
         run(case, num_splits=1)
     case = to_gpu(make_case(rng))
