@@ -20,11 +20,12 @@ from .layout import BlockSparseLayout
 HEAD_SIZES = (64, 128)
 #: Sparse block sizes (a 128-row query tile spans 2 or 1 CSR rows; 64-key tiles cover a block in 1 or 2 steps).
 BLOCK_SIZES = (64, 128)
-#: K/V ring depth per head size: stages of 64-key K and V tiles, 16 KB (D 64) / 32 KB (D 128) each, beside one
-#: 128-row Q tile (16 / 32 KB; the consumers hold Q in registers, so the next item's Q loads while the current one
-#: is in use); a consumer warpgroup holds up to four stages (the pending pair's P V and the current pair), the rest
-#: is the producer's prefetch (at least 5 in all: prefill_sm90.cu). D 128 fills the 227 KB a CTA may have.
-STAGES = {64: 12, 128: 6}
+#: K/V ring depth per head size: stages of 128 keys (two 64-key tiles of the walk) of K and V, 32 KB (D 64) / 64 KB
+#: (D 128) each, beside one 128-row Q tile (16 / 32 KB; the consumers hold Q in registers, so the next item's Q
+#: loads while the current one is in use); a consumer warpgroup holds up to two stages (the pending step's P V and
+#: the current step), the rest is the producer's prefetch (at least 3 in all: prefill_sm90.cu). D 128 fills the
+#: 227 KB a CTA may have.
+STAGES = {64: 6, 128: 3}
 #: Query rows per CTA (two consumer warpgroups of 64) and threads per CTA (plus one producer warpgroup).
 BLOCK_M = 128
 THREADS = 384
@@ -46,11 +47,11 @@ SOURCE = _kernels.register(_kernels.KernelSource(
 
 def smem_bytes(head_size: int) -> int:
     """Dynamic shared memory of one CTA (prefill_sm90.cu ``Layout::ALLOC``): the Q tile (two 64-row halves), the
-    K/V ring, two mbarriers and one (n0, flags) pair per stage, a full and an empty mbarrier for Q, three 64-byte
-    work-item slots, and 1024 bytes to re-align the window to the swizzle pattern."""
+    K/V ring, two mbarriers and one 16-byte (n0, n0, flags) entry per stage, a full and an empty mbarrier for Q,
+    three 64-byte work-item slots, and 1024 bytes to re-align the window to the swizzle pattern."""
     stages = STAGES[head_size]
     tile = 64 * head_size * 2
-    return 2 * tile + 2 * stages * tile + 2 * stages * 8 + 16 + stages * 8 + 3 * 64 + 1024
+    return 2 * tile + 4 * stages * tile + 2 * stages * 8 + 16 + stages * 16 + 3 * 64 + 1024
 
 
 _COUNTERS: dict = {}

@@ -4,7 +4,8 @@
 // q_len key positions).
 // q [T_q, H_q, D], k/v [T_k, H_kv, D], out [T_q, H_q, D]: last dim contiguous, token/head strides in elements.
 // Grid: persistent, at most one CTA per SM, drawing (128-row query tile, q head) work items from a counter;
-// warpgroup 0 loads Q and K/V, warpgroups 1 and 2 each own 64 query rows and consume the ring's key tiles in pairs.
+// warpgroup 0 loads Q and K/V, warpgroups 1 and 2 each own 64 query rows and consume the ring's stages (two 64-key
+// tiles each).
 #include "common.cuh"
 
 namespace cubsattn {
@@ -14,6 +15,7 @@ namespace sm90 {
 
 constexpr int BLOCK_M = 128;     // query rows per CTA: two consumer warpgroups of 64
 constexpr int BLOCK_N = 64;      // keys per K/V tile (= one 64-key block, half of a 128-key block)
+constexpr int STAGE_KEYS = 128;  // key rows per ring stage: two tiles of the walk
 constexpr int THREADS = 384;     // producer warpgroup + two consumer warpgroups
 constexpr int CONSUMER_WARPS = 8;
 
@@ -70,8 +72,9 @@ __device__ __forceinline__ unsigned long long smem_desc(unsigned addr, unsigned 
 // The wgmma shapes the kernel uses, for element type CTYPE (PTX type TYPE):
 // - rs<TRANS_B>: d (64x64 fp32) (+)= a (64x16, registers) * b (16x64 shared memory descriptor, K-major for
 //   TRANS_B = 0, N-major for 1): Q K^T with Q in registers, and P V per 64-column slab.
-// - n128: d (64x128 fp32) += a (64x16, registers) * b (16x128, N-major shared memory descriptor): P V for D = 128 in
-//   one instruction per 16 keys (both 64-column slabs of V, the leading byte offset stepping from one to the other).
+// - n128<TRANS_B>: d (64x128 fp32) (+)= a (64x16, registers) * b (16x128 shared memory descriptor): Q K^T over a
+//   whole stage (K-major), and P V for D = 128 in one instruction per 16 keys (N-major: both 64-column slabs of V,
+//   the leading byte offset stepping from one to the other).
 template <typename T> struct Wgmma;
 #define CUBSATTN_WGMMA(CTYPE, TYPE)                                                                             \
   template <> struct Wgmma<CTYPE> {                                                                             \
@@ -84,13 +87,14 @@ template <typename T> struct Wgmma;
                    : CUBSATTN_ACC32(0)                                                                          \
                    : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(accumulate), "n"(TRANS_B));    \
     }                                                                                                           \
+    template <int TRANS_B>                                                                                      \
     static __device__ __forceinline__ void n128(float (&d)[64], const unsigned (&a)[4], unsigned long long desc, \
                                                 int accumulate) {                                               \
       asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"                                                \
                    "wgmma.mma_async.sync.aligned.m64n128k16.f32." TYPE "." TYPE " " CUBSATTN_D64               \
-                   ", {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"                                              \
+                   ", {%64, %65, %66, %67}, %68, p, 1, 1, %70;\n}\n"                                            \
                    : CUBSATTN_ACC32(0), CUBSATTN_ACC32(32)                                                      \
-                   : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(accumulate));                   \
+                   : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(accumulate), "n"(TRANS_B));    \
     }                                                                                                           \
   };
 CUBSATTN_WGMMA(__nv_bfloat16, "bf16")
@@ -103,31 +107,31 @@ CUBSATTN_WGMMA(__half, "f16")
 
 // ---------------------------------------------------------------------------------------------------------------
 // Shared memory: the Q buffer (a 64-row tile per consumer warpgroup; the consumers copy it to registers at the
-// start of an item and release it, so the next item's Q loads meanwhile), STAGES x K tiles, STAGES x V tiles, then
-// per stage a full and an empty mbarrier, a full and an empty mbarrier for Q, per stage the tile's (n0, flags), and
-// three work-item slots.
-// A tile is [D/64][64 rows][64 elements]: each row of a 64-column slab is 128 bytes whose 16-byte chunks are
-// XOR-swizzled by (row & 7), the canonical 128B-swizzle layout that wgmma reads as K-major (K in Q K^T) and as
-// N-major (V in P V).
+// start of an item and release it, so the next item's Q loads meanwhile), STAGES x K stages, STAGES x V stages, then
+// per stage a full and an empty mbarrier, a full and an empty mbarrier for Q, per stage its tiles' (n0, n0, flags),
+// and three work-item slots.
+// A Q tile is [D/64][64 rows][64 elements], a stage [D/64][128 rows][64 elements] (its two 64-key tiles in rows
+// 0-63 and 64-127): each row of a 64-column slab is 128 bytes whose 16-byte chunks are XOR-swizzled by (row & 7), the
+// canonical 128B-swizzle layout that wgmma reads as K-major (K in Q K^T) and as N-major (V in P V).
 
 template <int HEAD_DIM, int STAGES> struct Layout {
-  static constexpr int TILE_BYTES = BLOCK_N * HEAD_DIM * 2;
-  static constexpr int SLAB_BYTES = BLOCK_N * 128;  // one 64-column slab of a tile
+  static constexpr int TILE_BYTES = BLOCK_N * HEAD_DIM * 2;      // a 64-row Q tile
+  static constexpr int STAGE_BYTES = STAGE_KEYS * HEAD_DIM * 2;  // a stage's K (or V)
   static constexpr int Q_OFF = 0;  // a tile per consumer warpgroup
   static constexpr int K_OFF = 2 * TILE_BYTES;
-  static constexpr int V_OFF = K_OFF + STAGES * TILE_BYTES;
-  static constexpr int BAR_OFF = V_OFF + STAGES * TILE_BYTES;
+  static constexpr int V_OFF = K_OFF + STAGES * STAGE_BYTES;
+  static constexpr int BAR_OFF = V_OFF + STAGES * STAGE_BYTES;
   static constexpr int Q_BAR_OFF = BAR_OFF + 2 * STAGES * 8;  // Q full, then Q empty
   static constexpr int INFO_OFF = Q_BAR_OFF + 16;
-  static constexpr int ITEM_OFF = INFO_OFF + STAGES * 8;  // the work-item slots
+  static constexpr int ITEM_OFF = INFO_OFF + STAGES * 16;  // the work-item slots
   static constexpr int ITEM_SLOTS = 3;  // items n, n + 1 and n + 2 (see the entry point)
   static constexpr int BYTES = ITEM_OFF + ITEM_SLOTS * 64;
   static constexpr int ALLOC = BYTES + 1024;  // the dynamic window is re-aligned to 1024 bytes
 };
 
-// Byte offset of element (row, col) in a swizzled tile.
-__device__ __forceinline__ int swizzled(int row, int chunk) {
-  return (chunk >> 3) * (BLOCK_N * 128) + row * 128 + (((chunk & 7) ^ (row & 7)) << 4);
+// Byte offset of 16-byte chunk `chunk` of row `row` in a swizzled tile of ROWS rows (slabs of ROWS x 128 bytes).
+template <int ROWS> __device__ __forceinline__ int swizzled(int row, int chunk) {
+  return (chunk >> 3) * (ROWS * 128) + row * 128 + (((chunk & 7) ^ (row & 7)) << 4);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -208,8 +212,9 @@ struct Schedule {
 // 128-row query tile spans (block 64: two rows, one per consumer warpgroup; block 128: one row, two 64-key
 // sub-tiles per column). mask bit r = the column is in row r.
 
-// info[stage].y: the CSR row mask (bits 0-1) and LAST, the item's last tile.
-constexpr int LAST = 4;
+// info[stage] = (n0 of tile 0, n0 of tile 1, flags): flags bits 0-1 / 2-3 are the CSR row masks of tiles 0 / 1,
+// TWO says the stage holds two tiles, LAST that it is the item's last stage.
+constexpr int TWO = 16, LAST = 32;
 
 struct KeyWalk {
   static constexpr int NONE = Item::NONE;
@@ -254,10 +259,11 @@ struct KeyWalk {
 
 // ---------------------------------------------------------------------------------------------------------------
 // Producer warpgroup, one work item: all 128 threads copy the Q tile into the Q buffer (the consumers have copied
-// the previous item's Q to registers), then the K/V tiles into the ring. Each copy batch is published (Q full
+// the previous item's Q to registers), then the K/V tiles into the ring, two per stage. Each copy batch (Q, or a
+// stage) is published (Q full
 // barrier or the stage's full barrier, count 128) one batch late: each thread waits for its own copies of the
 // previous batch, fences them into the async proxy and arrives, so two batches are in flight per thread. The item's
-// last batch is published at once (not with the next item's Q, which may wait for the Q buffer). The last tile
+// last batch is published at once (not with the next item's Q, which may wait for the Q buffer). The last stage
 // carries the LAST flag in its info. After the Q copies, thread 0 reads the next item into `next` (Schedule::load).
 // `it` counts ring stages across the CTA's items.
 //
@@ -277,18 +283,18 @@ __device__ __forceinline__ void produce(unsigned char* smem, const T* __restrict
   static_assert(ROWS_PER_PASS % 8 == 0, "a thread's rows must share one swizzle phase (row & 7)");
   const int ptid = threadIdx.x;  // 0..127
   const unsigned base = smem_addr(smem);
-  int2* info = reinterpret_cast<int2*>(smem + L::INFO_OFF);
+  int4* info = reinterpret_cast<int4*>(smem + L::INFO_OFF);
   // A thread always copies chunk c of rows r0, r0 + ROWS_PER_PASS, ...: one swizzled offset and one pointer step
   // per pass, so the per-copy work is an add and a compare (the copy loop dominated the producer's issue slots).
   const int r0 = ptid / CHUNKS, c = ptid % CHUNKS;
-  const int off0 = swizzled(r0, c);
+  const int off0 = swizzled<STAGE_KEYS>(r0, c);
   const T* k_base = k + (long long)(w.k_start + r0) * k_tok + (long long)kv_head * k_head + c * 8;
   const T* v_base = v + (long long)(w.k_start + r0) * v_tok + (long long)kv_head * v_head + c * 8;
   const long long k_step = ROWS_PER_PASS * k_tok, v_step = ROWS_PER_PASS * v_tok;
 
   {
     const T* qp = q + (long long)w.head * q_head + c * 8;
-    const unsigned q_dst = base + L::Q_OFF + off0;
+    const unsigned q_dst = base + L::Q_OFF + swizzled<BLOCK_N>(r0, c);
     static_assert(BLOCK_N % ROWS_PER_PASS == 0, "a pass must not straddle the two Q halves");
 #pragma unroll
     for (int p = 0; p < BLOCK_M / ROWS_PER_PASS; ++p) {
@@ -307,39 +313,51 @@ __device__ __forceinline__ void produce(unsigned char* smem, const T* __restrict
     drawn = sched.draw();
   }
   unsigned published = base + L::Q_BAR_OFF;  // the barrier of the batch in flight before the current one
-  // One tile ahead, so that the last tile can be flagged. An item without tiles sends one that no row attends
+  // One tile ahead, so that the last stage can be flagged. An item without tiles sends one that no row attends
   // (mask 0): the consumers' loop then always runs at least once (a path around it, from zeroing O to storing it,
   // makes ptxas serialise every wgmma of the kernel, C7515).
   int n0 = 0, mask = 0;
   walk.next(n0, mask);
   bool more = true;
   while (more) {
-    int next_n0, next_mask;
-    more = walk.next(next_n0, next_mask);
+    // This stage's tiles: the one in hand and the walk's next, if any; then the tile after them.
+    const int n0_a = n0, mask_a = mask;
+    int n0_b = 0, flags = mask_a;
+    more = walk.next(n0, mask);
+    if (more) {
+      n0_b = n0;
+      flags |= (mask << 2) | TWO;
+      more = walk.next(n0, mask);
+    }
     const int stage = it % STAGES;
     mbar_wait(base + L::BAR_OFF + (STAGES + stage) * 8, ((it / STAGES) & 1) ^ 1);  // consumers freed it
-    if (ptid == 0) info[stage] = make_int2(n0, more ? mask : mask | LAST);
-    const unsigned dk = base + L::K_OFF + stage * L::TILE_BYTES + off0;
-    const unsigned dv = base + L::V_OFF + stage * L::TILE_BYTES + off0;
-    const T* kp = k_base + (long long)n0 * k_tok;
-    const T* vp = v_base + (long long)n0 * v_tok;
-    const int rows_left = w.k_len - n0 - r0;  // this thread's rows at or past the sequence end load zeros
-    if ((PASSES - 1) * ROWS_PER_PASS < rows_left) {  // the whole tile is inside the sequence (all but the last)
+    if (ptid == 0) info[stage] = make_int4(n0_a, n0_b, more ? flags : flags | LAST, 0);
 #pragma unroll
-      for (int p = 0; p < PASSES; ++p) {
-        cp_async_16(dk + p * ROWS_PER_PASS * 128, kp, true);
-        cp_async_16(dv + p * ROWS_PER_PASS * 128, vp, true);
-        kp += k_step;
-        vp += v_step;
-      }
-    } else {
+    for (int h = 0; h < 2; ++h) {
+      if (h == 1 && !(flags & TWO)) break;
+      const int tile_n0 = h == 0 ? n0_a : n0_b;
+      const unsigned dk = base + L::K_OFF + stage * L::STAGE_BYTES + h * BLOCK_N * 128 + off0;
+      const unsigned dv = base + L::V_OFF + stage * L::STAGE_BYTES + h * BLOCK_N * 128 + off0;
+      const T* kp = k_base + (long long)tile_n0 * k_tok;
+      const T* vp = v_base + (long long)tile_n0 * v_tok;
+      const int rows_left = w.k_len - tile_n0 - r0;  // this thread's rows at or past the sequence end load zeros
+      if ((PASSES - 1) * ROWS_PER_PASS < rows_left) {  // the whole tile is inside the sequence (all but the last)
 #pragma unroll
-      for (int p = 0; p < PASSES; ++p) {
-        const bool valid = p * ROWS_PER_PASS < rows_left;  // keys past the sequence: zeros (masked causally)
-        cp_async_16(dk + p * ROWS_PER_PASS * 128, valid ? kp : k, valid);
-        cp_async_16(dv + p * ROWS_PER_PASS * 128, valid ? vp : v, valid);
-        kp += k_step;
-        vp += v_step;
+        for (int p = 0; p < PASSES; ++p) {
+          cp_async_16(dk + p * ROWS_PER_PASS * 128, kp, true);
+          cp_async_16(dv + p * ROWS_PER_PASS * 128, vp, true);
+          kp += k_step;
+          vp += v_step;
+        }
+      } else {
+#pragma unroll
+        for (int p = 0; p < PASSES; ++p) {
+          const bool valid = p * ROWS_PER_PASS < rows_left;  // keys past the sequence: zeros (masked causally)
+          cp_async_16(dk + p * ROWS_PER_PASS * 128, valid ? kp : k, valid);
+          cp_async_16(dv + p * ROWS_PER_PASS * 128, valid ? vp : v, valid);
+          kp += k_step;
+          vp += v_step;
+        }
       }
     }
     cp_async_commit();
@@ -348,8 +366,6 @@ __device__ __forceinline__ void produce(unsigned char* smem, const T* __restrict
     mbar_arrive(published);
     published = base + L::BAR_OFF + stage * 8;
     ++it;
-    n0 = next_n0;
-    mask = next_mask;
   }
   cp_async_wait<0>();
   fence_proxy_async();
@@ -359,10 +375,10 @@ __device__ __forceinline__ void produce(unsigned char* smem, const T* __restrict
 // ---------------------------------------------------------------------------------------------------------------
 // Consumer warpgroup: 64 query rows at absolute positions row0 .. row0 + 63.
 //
-// Ring tiles are taken in pairs (tiles 2i and 2i + 1 of the walk): one step computes the 64 x 128 scores of both
-// 64-key tiles, so the per-step costs (row maxima and their shuffles, rebasing O, wgmma waits, barrier turns) are
-// paid once per 128 keys. A pair half outside this warpgroup's CSR row (or after its last query) is released
-// unread, and a step with one live half computes only that half.
+// A step takes one ring stage (tiles 2i and 2i + 1 of the walk) and computes the 64 x 128 scores of both 64-key
+// tiles with one wgmma per 16 columns of Q, so the per-step costs (row maxima and their shuffles, rebasing O, wgmma
+// waits, barrier turns) are paid once per 128 keys. A tile outside this warpgroup's CSR row (or after its last
+// query) is skipped: a step with one live tile computes only that tile, a stage with none is released unread.
 //
 // A step: issue Q K^T; wait for it (and for the previous step's P V); row maxima; rebase O; per tile, its
 // probabilities and then its P V, left running (the second tile's exponentials overlap the first tile's P V). The
@@ -371,31 +387,36 @@ __device__ __forceinline__ void produce(unsigned char* smem, const T* __restrict
 // with Q in registers) and the pending pair's stages through the softmax (with a 5- or 6-stage ring for D = 128 it
 // measured 4-15% slower).
 
-// Q K^T with Q's A fragments in registers (qf[kk]: k-step kk): only K is read from shared memory (with both
-// operands there, the 64 x 64 x 16 steps would need all of its bandwidth).
-template <typename T, int HEAD_DIM>
-__device__ __forceinline__ void issue_qk(float* s, const unsigned (&qf)[HEAD_DIM / 16][4], unsigned k_tile) {
-  constexpr int SLAB_BYTES = BLOCK_N * 128;
+// Q K^T with Q's A fragments in registers (qf[kk]: k-step kk) against N = 128 keys (a whole stage) or 64 (one of
+// its tiles, from its first row): only K is read from shared memory (with both operands there, the Q K^T steps
+// would need most of its bandwidth).
+template <typename T, int HEAD_DIM, int N>
+__device__ __forceinline__ void issue_qk(float* s, const unsigned (&qf)[HEAD_DIM / 16][4], unsigned k_rows) {
+  constexpr int SLAB_BYTES = STAGE_KEYS * 128;
   // The address field is the low 14 bits of the descriptor (bytes >> 4) and never carries (shared memory < 256 KB),
   // so each k-step's descriptor is the tile's plus a constant.
-  const unsigned long long k_desc = smem_desc(k_tile, 16, 1024);
+  const unsigned long long k_desc = smem_desc(k_rows, 16, 1024);
 #pragma unroll
   for (int kk = 0; kk < HEAD_DIM / 16; ++kk) {  // K-major K: k-step kk reads 32 bytes further into slab kk / 4
     const unsigned step = ((kk >> 2) * SLAB_BYTES + (kk & 3) * 32) >> 4;
-    Wgmma<T>::template rs<0>(*reinterpret_cast<float(*)[32]>(s), qf[kk], k_desc + step, kk > 0);
+    if constexpr (N == 128)
+      Wgmma<T>::template n128<0>(*reinterpret_cast<float(*)[64]>(s), qf[kk], k_desc + step, kk > 0);
+    else
+      Wgmma<T>::template rs<0>(*reinterpret_cast<float(*)[32]>(s), qf[kk], k_desc + step, kk > 0);
   }
 }
 
+// O += P V for the 64 keys from v_rows (a tile of a stage).
 template <typename T, int HEAD_DIM>
-__device__ __forceinline__ void issue_pv(float (&acc)[HEAD_DIM / 64][32], const unsigned (*pf)[4], unsigned v_tile) {
-  constexpr int SLAB_BYTES = BLOCK_N * 128;
+__device__ __forceinline__ void issue_pv(float (&acc)[HEAD_DIM / 64][32], const unsigned (*pf)[4], unsigned v_rows) {
+  constexpr int SLAB_BYTES = STAGE_KEYS * 128;
   // N-major V (leading byte offset = slab stride, stride byte offset = 8 keys): D = 128 in one n128 wgmma per 16
   // keys (acc[0..1] are consecutive registers, the n128 accumulator layout); other D one n64 wgmma per slab.
-  const unsigned long long desc = smem_desc(v_tile, SLAB_BYTES, 1024);
+  const unsigned long long desc = smem_desc(v_rows, SLAB_BYTES, 1024);
   if constexpr (HEAD_DIM == 128) {
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk)
-      Wgmma<T>::n128(reinterpret_cast<float(&)[64]>(acc), pf[kk], desc + ((kk * 16 * 128) >> 4), 1);
+      Wgmma<T>::template n128<1>(reinterpret_cast<float(&)[64]>(acc), pf[kk], desc + ((kk * 16 * 128) >> 4), 1);
   } else {
 #pragma unroll
     for (int b = 0; b < HEAD_DIM / 64; ++b)
@@ -405,16 +426,16 @@ __device__ __forceinline__ void issue_pv(float (&acc)[HEAD_DIM / 64][32], const 
   }
 }
 
-// A step's live tiles: their ring stages and first key positions (count 0, 1 or 2; tile 0 first). Scalars, not
-// arrays, so that nothing is indexed at run time (that would put the struct on the stack).
+// A step: its stage, its live tiles (count 0, 1 or 2) and their first key positions; with one live tile, `half`
+// says which of the stage's two it is and n00 is its position. Scalars, not arrays, so that nothing is indexed at
+// run time (that would put the struct on the stack).
 struct Step {
-  int count, stage0, stage1, n00, n01;
+  int count, stage, half, n00, n01;
 };
 
-// Releases a step's stages to the producer once its P V has landed.
+// Releases a step's stage to the producer once its P V has landed.
 __device__ __forceinline__ void release(unsigned empty_bar, const Step& step) {
-  if (step.count > 0) mbar_arrive(empty_bar + step.stage0 * 8);
-  if (step.count > 1) mbar_arrive(empty_bar + step.stage1 * 8);
+  if (step.count > 0) mbar_arrive(empty_bar + step.stage * 8);
 }
 
 // One step of NT live tiles (see above). qf: Q's A fragments. pending: the previous step, whose P V is in flight.
@@ -430,8 +451,11 @@ __device__ __forceinline__ void attend(float (&acc)[HEAD_DIM / 64][32], const un
   const int n0[2] = {step.n00, step.n01};
   float s[NS];
   wgmma_fence();
-  issue_qk<T, HEAD_DIM>(s, qf, base + L::K_OFF + step.stage0 * L::TILE_BYTES);
-  if constexpr (NT == 2) issue_qk<T, HEAD_DIM>(s + 32, qf, base + L::K_OFF + step.stage1 * L::TILE_BYTES);
+  const unsigned k_stage = base + L::K_OFF + step.stage * L::STAGE_BYTES;
+  if constexpr (NT == 2)
+    issue_qk<T, HEAD_DIM, 128>(s, qf, k_stage);
+  else
+    issue_qk<T, HEAD_DIM, 64>(s, qf, k_stage + step.half * BLOCK_N * 128);
   wgmma_commit();
   named_bar_arrive(other_bar);  // the other warpgroup's turn to issue (its softmax ran meanwhile)
   wgmma_wait<0>();
@@ -508,7 +532,8 @@ __device__ __forceinline__ void attend(float (&acc)[HEAD_DIM / 64][32], const un
       pf[kk][3] = pack2<T>(s[8 * kk + 6], s[8 * kk + 7]);
     }
     wgmma_fence();
-    issue_pv<T, HEAD_DIM>(acc, pf + 4 * h, base + L::V_OFF + (h == 0 ? step.stage0 : step.stage1) * L::TILE_BYTES);
+    issue_pv<T, HEAD_DIM>(acc, pf + 4 * h,
+                          base + L::V_OFF + step.stage * L::STAGE_BYTES + (NT == 2 ? h : step.half) * BLOCK_N * 128);
   }
   wgmma_commit();
 }
@@ -535,7 +560,7 @@ __device__ __forceinline__ void consume(unsigned char* smem, T* __restrict__ out
   const int g = lane >> 2, tq = lane & 3;
   const unsigned base = smem_addr(smem);
   const unsigned full_bar = base + L::BAR_OFF, empty_bar = base + L::BAR_OFF + STAGES * 8;
-  const int2* info = reinterpret_cast<const int2*>(smem + L::INFO_OFF);
+  const int4* info = reinterpret_cast<const int4*>(smem + L::INFO_OFF);
 
   const int row0 = w.tile_start + 64 * consumer, pos_lo = w.pos_lo, pos_hi = w.pos_hi;
   // This thread's two rows (g and g + 8 of its warp's 16) and whether they are queries of this tile.
@@ -557,7 +582,8 @@ __device__ __forceinline__ void consume(unsigned char* smem, T* __restrict__ out
     const unsigned q_tile = base + L::Q_OFF + consumer * L::TILE_BYTES;
     const int r = warp * 16 + (lane & 7) + (lane & 8);
 #pragma unroll
-    for (int kk = 0; kk < HEAD_DIM / 16; ++kk) ldmatrix_x4(qf[kk], q_tile + swizzled(r, 2 * kk + (lane >> 4)));
+    for (int kk = 0; kk < HEAD_DIM / 16; ++kk)
+      ldmatrix_x4(qf[kk], q_tile + swizzled<BLOCK_N>(r, 2 * kk + (lane >> 4)));
     mbar_arrive(base + L::Q_BAR_OFF + 8);
   }
 
@@ -568,45 +594,31 @@ __device__ __forceinline__ void consume(unsigned char* smem, T* __restrict__ out
     for (int i = 0; i < 32; ++i) acc[b][i] = 0.f;
   float row_max[2] = {NEG_INF, NEG_INF}, row_sum[2] = {0.f, 0.f};
 
-  // Walk the ring two tiles at a time. The previous step's P V is waited for before a step with nothing live: a
-  // warpgroup never holds stages while passing over others, or the producer could wait for such a stage while the
-  // warpgroup waits for a tile behind it (a long run of tiles only the other warpgroup attends to).
+  // Walk the ring one stage at a time. The previous step's P V is waited for before a step with nothing live: a
+  // warpgroup never holds a stage while passing over others, or the producer could wait for such a stage while the
+  // warpgroup waits for a stage behind it (a long run of tiles only the other warpgroup attends to).
   //
   // Ping-pong: the two warpgroups take turns issuing their Q K^T (named barriers 1 and 2), so one's softmax runs
-  // while the other's matrix products occupy the tensor cores. Both pair the ring tiles the same way and take one
-  // turn per pair, live or not, so their turns pair up, across items too (the entry point starts and ends the
-  // alternation).
+  // while the other's matrix products occupy the tensor cores. Both take one turn per stage, live or not, so their
+  // turns pair up, across items too (the entry point starts and ends the alternation).
   const int my_bar = 1 + consumer, other_bar = 2 - consumer;
   Step pending = {0, 0, 0, 0, 0};
   bool more = true;  // every item sends at least one tile (see produce)
   while (more) {
-    // The next pair of ring tiles (one when the walk ends after the first), each live or not here.
-    int stage[2], n0[2];
-    bool live[2];
-    int taken = 0;
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      mbar_wait(full_bar + ring.stage * 8, ring.phase);
-      const int2 tile = info[ring.stage];
-      stage[h] = ring.stage;
-      n0[h] = tile.x;
-      live[h] = ((tile.y >> row_bit) & 1) && wg_lo < wg_hi && tile.x < wg_hi;
-      ++taken;
-      ring.advance();
-      if (tile.y & LAST) {
-        more = false;
-        break;
-      }
-    }
-    const bool live0 = live[0], live1 = taken == 2 && live[1];
-    if (!live0) mbar_arrive(empty_bar + stage[0] * 8);  // not needed here: released unread
-    if (taken == 2 && !live1) mbar_arrive(empty_bar + stage[1] * 8);
+    mbar_wait(full_bar + ring.stage * 8, ring.phase);
+    const int4 t = info[ring.stage];
     Step step;
+    step.stage = ring.stage;
+    ring.advance();
+    more = !(t.z & LAST);
+    const bool rows = wg_lo < wg_hi;
+    const bool live0 = ((t.z >> row_bit) & 1) && rows && t.x < wg_hi;
+    const bool live1 = (t.z & TWO) && ((t.z >> (2 + row_bit)) & 1) && rows && t.y < wg_hi;
     step.count = int(live0) + int(live1);
-    step.stage0 = live0 ? stage[0] : stage[1];
-    step.n00 = live0 ? n0[0] : n0[1];
-    step.stage1 = stage[1];
-    step.n01 = n0[1];
+    step.half = live0 ? 0 : 1;
+    step.n00 = live0 ? t.x : t.y;
+    step.n01 = t.y;
+    if (step.count == 0) mbar_arrive(empty_bar + step.stage * 8);  // not needed here: released unread
     named_bar_sync(my_bar);
     if (step.count == 0) {
       wgmma_wait<0>();
@@ -671,9 +683,9 @@ __global__ void __launch_bounds__(cubsattn::sm90::THREADS, 1) blocksparse_prefil
   using namespace cubsattn;
   using namespace cubsattn::sm90;
   using L = Layout<HEAD_DIM, STAGES>;
-  // A warpgroup holds a pending pair while it waits for the next pair, and the producer publishes a tile only once
-  // the next one is under way: fewer than 5 stages can deadlock.
-  static_assert(STAGES >= 5, "the paired consumers need at least 5 ring stages");
+  // A warpgroup holds its pending stage while it waits for the next, and the producer publishes a stage only once
+  // the next one is under way: fewer than 3 stages can deadlock.
+  static_assert(STAGES >= 3, "the consumers need at least 3 ring stages");
   static_assert(HEAD_DIM % 64 == 0, "HEAD_DIM must be a multiple of 64 (128-byte swizzle slabs)");
   static_assert(L::ITEM_SLOTS * sizeof(Item) <= L::BYTES - L::ITEM_OFF, "the work-item slots are too small");
   extern __shared__ unsigned char smem_raw[];
