@@ -384,8 +384,8 @@ __device__ __forceinline__ void produce(unsigned char* smem, const T* __restrict
 // probabilities and then its P V, left running (the second tile's exponentials overlap the first tile's P V). The
 // tensor cores are otherwise kept busy by the other warpgroup (ping-pong, see consume), not by overlapping a
 // warpgroup's P V with its next softmax: that holds a second set of P registers (more than the 224 a consumer has,
-// with Q in registers) and the pending pair's stages through the softmax (with a 5- or 6-stage ring for D = 128 it
-// measured 4-15% slower).
+// with Q in registers) and the pending step's keys through the softmax (with a ring of 5 or 6 64-key stages for
+// D = 128 it measured 4-15% slower).
 
 // Q K^T with Q's A fragments in registers (qf[kk]: k-step kk) against N = 128 keys (a whole stage) or 64 (one of
 // its tiles, from its first row): only K is read from shared memory (with both operands there, the Q K^T steps
