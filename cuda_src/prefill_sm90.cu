@@ -125,6 +125,7 @@ template <int HEAD_DIM, int STAGES> struct Layout {
   static constexpr int INFO_OFF = Q_BAR_OFF + 16;
   static constexpr int ITEM_OFF = INFO_OFF + STAGES * 16;  // the work-item slots
   static constexpr int ITEM_SLOTS = 3;  // items n, n + 1 and n + 2 (see the entry point)
+  static __device__ __forceinline__ int next_slot(int slot) { return slot == ITEM_SLOTS - 1 ? 0 : slot + 1; }
   static constexpr int BYTES = ITEM_OFF + ITEM_SLOTS * 64;
   static constexpr int ALLOC = BYTES + 1024;  // the dynamic window is re-aligned to 1024 bytes
 };
@@ -725,7 +726,7 @@ __global__ void __launch_bounds__(cubsattn::sm90::THREADS, 1) blocksparse_prefil
       sched.load(slots[0], sched.draw());
       drawn = sched.draw();
     }
-    for (int n = 0, slot = 0;; ++n, slot = slot == L::ITEM_SLOTS - 1 ? 0 : slot + 1) {
+    for (int n = 0, slot = 0;; ++n, slot = L::next_slot(slot)) {
       if (n >= 1) mbar_wait(q_empty, (n - 1) & 1);  // the consumers have item n - 1's Q in registers
       asm volatile("bar.sync 3, 128;\n" ::: "memory");  // the producer warpgroup reads the slot
       const Item w = slots[slot];
@@ -735,7 +736,7 @@ __global__ void __launch_bounds__(cubsattn::sm90::THREADS, 1) blocksparse_prefil
       }
       produce<T, HEAD_DIM, STAGES>(smem, q, q_tok, q_head, k, k_tok, k_head, v, v_tok, v_head, w, w.head / group,
                                    KeyWalk(w, indices, nnz_stride, block_size), it, sched,
-                                   &slots[slot == L::ITEM_SLOTS - 1 ? 0 : slot + 1], drawn);
+                                   &slots[L::next_slot(slot)], drawn);
     }
   } else {
     asm volatile("setmaxnreg.inc.sync.aligned.u32 224;\n" ::: "memory");
@@ -746,7 +747,7 @@ __global__ void __launch_bounds__(cubsattn::sm90::THREADS, 1) blocksparse_prefil
     // barrier 1). Doing this per item would let warpgroup 1 arrive twice in a row on barrier 1.
     if (c == 1) named_bar_arrive(1);
     const Item* slots = reinterpret_cast<const Item*>(smem + L::ITEM_OFF);
-    for (int n = 0, slot = 0;; ++n, slot = slot == L::ITEM_SLOTS - 1 ? 0 : slot + 1) {
+    for (int n = 0, slot = 0;; ++n, slot = L::next_slot(slot)) {
       mbar_wait(smem_addr(smem + L::Q_BAR_OFF), n & 1);  // Q of item n is in (and its slot)
       const Item w = slots[slot];
       if (w.head < 0) break;
