@@ -79,7 +79,7 @@ def run(args):
                                                                  kernel="sm80"))
         ours_tf = useful / ours_ms / 1e9
         sm90_ms = sm90_tf = float("nan")
-        if _prefill_sm90.supports(q, k, layout):
+        if _prefill_sm90.supports(q, k, v, layout):
             cu_host = cupy.asnumpy(cu).astype(np.int64)
             sm90_ms = time_cuda(lambda: _prefill_sm90.prefill(q, k, v, cu_host, cu_host, layout, scale, out))
             sm90_tf = useful / sm90_ms / 1e9

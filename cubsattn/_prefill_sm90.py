@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import _kernels, _prefill_cuda
+from . import _kernels, _prefill_cuda, _tma
 from .layout import BlockSparseLayout
 
 #: Head sizes compiled (multiples of 64: one 128-byte swizzle slab per 64 columns; the O accumulator stays in
@@ -69,17 +69,18 @@ def _item_counter(cupy):
     return counter
 
 
-def supports(q, k, layout: BlockSparseLayout) -> bool:
-    """True when this kernel can run ``q [T_q, H_q, D]`` / ``k [T_k, H_kv, D]`` with ``layout`` on the current
-    device: compute capability 9.0, fp16/bf16, D in :data:`HEAD_SIZES`, block size in :data:`BLOCK_SIZES`, last
-    dims contiguous. (Strides and alignment are then checked by :func:`prefill` with the sm_80 path's rules.)"""
+def supports(q, k, v, layout: BlockSparseLayout) -> bool:
+    """True when this kernel can run ``q [T_q, H_q, D]`` / ``k``, ``v [T_k, H_kv, D]`` with ``layout`` on the
+    current device: compute capability 9.0, fp16/bf16, D in :data:`HEAD_SIZES`, block size in :data:`BLOCK_SIZES`,
+    last dims contiguous, and q / k / v describable by tensor maps (:func:`cubsattn._tma.tma_compatible`: 16-byte
+    aligned, positive strides that are multiples of 16 bytes)."""
     import cupy
 
     if int(cupy.cuda.Device().compute_capability) != COMPUTE_CAPABILITY:
         return False
     if q.dtype not in _DTYPES or q.shape[2] not in HEAD_SIZES or layout.block_size not in BLOCK_SIZES:
         return False
-    return all(a.strides[2] == a.dtype.itemsize for a in (q, k))
+    return all(a.strides[2] == a.dtype.itemsize and _tma.tma_compatible(a) for a in (q, k, v))
 
 
 def prefill(q, k, v, cu_q: np.ndarray, cu_k: np.ndarray, layout: BlockSparseLayout, scale: float, out):
@@ -113,11 +114,15 @@ def prefill(q, k, v, cu_q: np.ndarray, cu_k: np.ndarray, layout: BlockSparseLayo
     smem = smem_bytes(head_size)
     kernel = _kernels.get_function(SOURCE.filename, kernel_name(q.dtype, head_size), dynamic_smem=smem)
     q, strides, scale_log2 = _prefill_cuda._positive_scale(q, scale, strides)
-    (q_tok, q_head), (k_tok, k_head), (v_tok, v_head), (o_tok, o_head) = strides
+    for name, a in (("q", q), ("k", k), ("v", v)):
+        if not _tma.tma_compatible(a):
+            raise ValueError(f"{name} (shape {list(a.shape)}, strides {list(a.strides)} bytes) cannot be read by "
+                             f"tensor copies: its head and token strides must be positive multiples of 16 bytes")
+    maps = _tma.tensor_maps(cupy, q, k, v)
+    _, _, (v_tok, v_head), (o_tok, o_head) = strides
     num_items = num_tiles * num_heads
     kernel((min(num_items, _kernels.num_sms()),), (THREADS,),  # persistent: at most one CTA per SM
-           (q, np.int64(q_tok), np.int32(q_head),
-            k, np.int64(k_tok), np.int32(k_head),
+           (maps,
             v, np.int64(v_tok), np.int32(v_head),
             out, np.int64(o_tok), np.int32(o_head),
             tiles, dev_cu_q, dev_cu_k, indptr, indices,

@@ -125,11 +125,13 @@ def blocksparse_prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, layout: BlockSparse
         return _prefill_numpy.prefill(q, k, v, cu_q, cu_k, layout, scale, out)
     from . import _prefill_cuda, _prefill_sm90
 
-    hopper = kernel != "sm80" and _prefill_sm90.supports(q, k, layout)
+    hopper = kernel != "sm80" and _prefill_sm90.supports(q, k, v, layout)
     if kernel == "sm90" and not hopper:
         raise ValueError(f"kernel='sm90' needs compute capability 9.0, fp16/bf16, head_size in "
-                         f"{_prefill_sm90.HEAD_SIZES} and block_size in {_prefill_sm90.BLOCK_SIZES}; got head_size "
-                         f"{head_size}, block_size {layout.block_size}")
+                         f"{_prefill_sm90.HEAD_SIZES}, block_size in {_prefill_sm90.BLOCK_SIZES} and q/k/v that "
+                         f"tensor copies can read (16-byte aligned, head and token strides positive multiples of 16 "
+                         f"bytes); got head_size {head_size}, block_size {layout.block_size}, strides "
+                         f"{list(q.strides)} / {list(k.strides)} / {list(v.strides)} bytes")
     if out is None:
         out = xp.empty_like(q)
     if hopper:

@@ -18,6 +18,10 @@ constexpr int BLOCK_N = 64;      // keys per K/V tile (= one 64-key block, half 
 constexpr int STAGE_KEYS = 128;  // key rows per ring stage: two tiles of the walk
 constexpr int THREADS = 384;     // producer warpgroup + two consumer warpgroups
 constexpr int CONSUMER_WARPS = 8;
+// Registers per thread after the warpgroups re-balance them (setmaxnreg): 128 x 56 + 256 x 224 = 384 x 168.
+constexpr int PRODUCER_REGS = 56, CONSUMER_REGS = 224;
+static_assert(128 * PRODUCER_REGS + 256 * CONSUMER_REGS <= THREADS * (65536 / THREADS / 8 * 8),
+              "more registers than the CTA's pool");
 
 // ---------------------------------------------------------------------------------------------------------------
 // PTX wrappers
@@ -31,6 +35,29 @@ template <int N> __device__ __forceinline__ void cp_async_wait() {
 // Generic-proxy shared-memory writes (cp.async) become visible to the async proxy (wgmma operand reads).
 __device__ __forceinline__ void fence_proxy_async() {
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+
+// A tensor map (TMA descriptor): 128 opaque bytes encoded on the host by the driver's cuTensorMapEncodeTiled
+// (cubsattn/_tma.py); the kernel reads them from global memory.
+struct alignas(64) TensorMap {
+  unsigned long long bits[16];
+};
+
+// The map's copy of it is written by a host-to-device copy before the launch: order that before the tensor copies
+// that use it (tensormap proxy), and start fetching it.
+__device__ __forceinline__ void tensormap_acquire(const TensorMap* map) {
+  asm volatile("fence.proxy.tensormap::generic.acquire.gpu [%0], 128;\n" ::"l"(map) : "memory");
+  asm volatile("prefetch.tensormap [%0];\n" ::"l"(map) : "memory");
+}
+
+// Box (c0, c1, c2) (innermost first: column, head, token) of `map` into shared memory at dst, completing on the
+// mbarrier `bar` (its byte count expected by mbar_arrive_expect_tx). Coordinates outside the tensor read zeros.
+__device__ __forceinline__ void tma_load_3d(unsigned dst, const TensorMap* map, int c0, int c1, int c2,
+                                            unsigned bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4}], [%5];\n"
+      ::"r"(dst), "l"(map), "r"(c0), "r"(c1), "r"(c2), "r"(bar)
+      : "memory");
 }
 
 // Named barriers over the two consumer warpgroups (256 threads; id 0 is __syncthreads).
@@ -259,61 +286,63 @@ struct KeyWalk {
 };
 
 // ---------------------------------------------------------------------------------------------------------------
-// Producer warpgroup, one work item: all 128 threads copy the Q tile into the Q buffer (the consumers have copied
-// the previous item's Q to registers), then the K/V tiles into the ring, two per stage. Each copy batch (Q, or a
-// stage) is published (Q full
-// barrier or the stage's full barrier, count 128) one batch late: each thread waits for its own copies of the
-// previous batch, fences them into the async proxy and arrives, so two batches are in flight per thread. The item's
-// last batch is published at once (not with the next item's Q, which may wait for the Q buffer). The last stage
-// carries the LAST flag in its info. After the Q copies, thread 0 reads the next item into `next` (Schedule::load).
-// `it` counts ring stages across the CTA's items.
+// Producer (warp 0 of warpgroup 0), one work item. Lane 0 issues the tensor copies: the Q tile (two 64-row halves,
+// one box per half and 64-column slab) onto the Q full barrier, then the K/V tiles of the walk, two per ring stage,
+// onto the stage's full barrier. Each barrier takes one arrival (lane 0's, which also sets the bytes to expect) and
+// completes when the copies have landed. After the Q copies lane 0 reads the next item into `next`
+// (Schedule::load). `it` counts ring stages across the CTA's items.
 //
-// Q rows: tile row r is query position tile_start + r, valid in [pos_lo, pos_hi) (zeros elsewhere), token
-// q_start + position - past.
+// Rows the copies must not take from memory: Q rows outside [pos_lo, pos_hi) get whatever the box holds (a
+// neighbouring sequence's queries, or the zeros a box past either end of the tensor gets): each output row depends
+// on its own Q row only, and those rows are not stored. K rows past the sequence end are masked (their scores are
+// set to -inf). V rows past the end meet probability 0, and 0 x inf or 0 x NaN would spoil the row, so a tile that
+// crosses the sequence end takes its V with zero-filling cp.async copies by the whole warp instead.
+
+template <typename T, int HEAD_DIM>
+__device__ __forceinline__ void copy_v_tail(unsigned dst, const T* __restrict__ v, long long v_tok, int v_head,
+                                            int kv_head, int first_key, int keys, int lane) {
+  constexpr int CHUNKS = HEAD_DIM / 8;       // 16-byte chunks per key row
+  constexpr int ROWS_PER_PASS = 32 / CHUNKS;  // 2 (D 128) or 4 (D 64)
+  const int r0 = lane / CHUNKS, c = lane % CHUNKS;
+  const T* src = v + (long long)(first_key + r0) * v_tok + (long long)kv_head * v_head + c * 8;
+#pragma unroll 4
+  for (int r = r0; r < BLOCK_N; r += ROWS_PER_PASS) {
+    const bool valid = r < keys;
+    cp_async_16(dst + swizzled<STAGE_KEYS>(r, c), valid ? src : v, valid);
+    src += ROWS_PER_PASS * v_tok;
+  }
+}
 
 template <typename T, int HEAD_DIM, int STAGES>
-__device__ __forceinline__ void produce(unsigned char* smem, const T* __restrict__ q, long long q_tok, int q_head,
-                                        const T* __restrict__ k, long long k_tok, int k_head,
+__device__ __forceinline__ void produce(unsigned char* smem, const TensorMap* __restrict__ maps,
                                         const T* __restrict__ v, long long v_tok, int v_head, const Item& w,
-                                        int kv_head, KeyWalk walk, int& it, const Schedule& sched,
-                                        Item* next, int& drawn) {
+                                        int kv_head, KeyWalk walk, int& it, const Schedule& sched, Item* next,
+                                        int& drawn) {
   using L = Layout<HEAD_DIM, STAGES>;
-  constexpr int CHUNKS = HEAD_DIM / 8;       // 16-byte chunks per key row
-  constexpr int ROWS_PER_PASS = 128 / CHUNKS;  // key rows the warpgroup copies per pass (8 or 16)
-  constexpr int PASSES = BLOCK_N / ROWS_PER_PASS;
-  static_assert(ROWS_PER_PASS % 8 == 0, "a thread's rows must share one swizzle phase (row & 7)");
-  const int ptid = threadIdx.x;  // 0..127
+  constexpr int SLABS = HEAD_DIM / 64;
+  constexpr unsigned TILE_TX = L::TILE_BYTES;  // bytes of one 64-row tile of Q, K or V
+  constexpr int SLAB_BYTES = STAGE_KEYS * 128;
+  const int lane = threadIdx.x;  // 0..31
   const unsigned base = smem_addr(smem);
+  const TensorMap* q_map = maps + 0;
+  const TensorMap* k_map = maps + 1;
+  const TensorMap* v_map = maps + 2;
   int4* info = reinterpret_cast<int4*>(smem + L::INFO_OFF);
-  // A thread always copies chunk c of rows r0, r0 + ROWS_PER_PASS, ...: one swizzled offset and one pointer step
-  // per pass, so the per-copy work is an add and a compare (the copy loop dominated the producer's issue slots).
-  const int r0 = ptid / CHUNKS, c = ptid % CHUNKS;
-  const int off0 = swizzled<STAGE_KEYS>(r0, c);
-  const T* k_base = k + (long long)(w.k_start + r0) * k_tok + (long long)kv_head * k_head + c * 8;
-  const T* v_base = v + (long long)(w.k_start + r0) * v_tok + (long long)kv_head * v_head + c * 8;
-  const long long k_step = ROWS_PER_PASS * k_tok, v_step = ROWS_PER_PASS * v_tok;
 
-  {
-    const T* qp = q + (long long)w.head * q_head + c * 8;
-    const unsigned q_dst = base + L::Q_OFF + swizzled<BLOCK_N>(r0, c);
-    static_assert(BLOCK_N % ROWS_PER_PASS == 0, "a pass must not straddle the two Q halves");
+  if (lane == 0) {
+    const unsigned bar = base + L::Q_BAR_OFF;
+    mbar_arrive_expect_tx(bar, 2 * TILE_TX);
+    const int token = w.q_start + w.tile_start - w.past;  // of tile row 0 (may lie before the tensor: zeros)
 #pragma unroll
-    for (int p = 0; p < BLOCK_M / ROWS_PER_PASS; ++p) {
-      // Row r0 + p * ROWS_PER_PASS (r0 < ROWS_PER_PASS, which divides 64): its half and row within the half are
-      // compile-time offsets from the thread's first row.
-      const int pos = w.tile_start + r0 + p * ROWS_PER_PASS;
-      const bool valid = pos >= w.pos_lo && pos < w.pos_hi;
-      const unsigned dst = q_dst + (p * ROWS_PER_PASS / BLOCK_N) * L::TILE_BYTES + (p * ROWS_PER_PASS % BLOCK_N) * 128;
-      cp_async_16(dst, valid ? qp + (long long)(w.q_start + pos - w.past) * q_tok : q, valid);
-    }
-    cp_async_commit();
-  }
-  // Thread 0 reads the next item (its number drawn one item earlier) while this Q is in flight.
-  if (ptid == 0) {
+    for (int half = 0; half < 2; ++half)
+#pragma unroll
+      for (int slab = 0; slab < SLABS; ++slab)
+        tma_load_3d(base + L::Q_OFF + half * L::TILE_BYTES + slab * BLOCK_N * 128, q_map, slab * 64, w.head,
+                    token + half * BLOCK_N, bar);
+    // Read the next item (its number drawn one item earlier) while this Q is in flight.
     sched.load(*next, drawn);
     drawn = sched.draw();
   }
-  unsigned published = base + L::Q_BAR_OFF;  // the barrier of the batch in flight before the current one
   // One tile ahead, so that the last stage can be flagged. An item without tiles sends one that no row attends
   // (mask 0): the consumers' loop then always runs at least once (a path around it, from zeroing O to storing it,
   // makes ptxas serialise every wgmma of the kernel, C7515).
@@ -331,46 +360,41 @@ __device__ __forceinline__ void produce(unsigned char* smem, const T* __restrict
       more = walk.next(n0, mask);
     }
     const int stage = it % STAGES;
+    const unsigned k_dst = base + L::K_OFF + stage * L::STAGE_BYTES;
+    const unsigned v_dst = base + L::V_OFF + stage * L::STAGE_BYTES;
+    const unsigned full = base + L::BAR_OFF + stage * 8;
+    const int tiles = flags & TWO ? 2 : 1;
+    const bool tail_a = n0_a + BLOCK_N > w.k_len, tail_b = tiles == 2 && n0_b + BLOCK_N > w.k_len;
     mbar_wait(base + L::BAR_OFF + (STAGES + stage) * 8, ((it / STAGES) & 1) ^ 1);  // consumers freed it
-    if (ptid == 0) info[stage] = make_int4(n0_a, n0_b, more ? flags : flags | LAST, 0);
+    if (tail_a || tail_b) {  // rare: the sequence's last tile
+      if (tail_a)
+        copy_v_tail<T, HEAD_DIM>(v_dst, v, v_tok, v_head, kv_head, w.k_start + n0_a, w.k_len - n0_a, lane);
+      if (tail_b)
+        copy_v_tail<T, HEAD_DIM>(v_dst + BLOCK_N * 128, v, v_tok, v_head, kv_head, w.k_start + n0_b,
+                                 w.k_len - n0_b, lane);
+      cp_async_commit();
+      cp_async_wait<0>();
+      fence_proxy_async();  // generic-proxy writes, read by wgmma (async proxy)
+      __syncwarp();
+    }
+    if (lane == 0) {
+      info[stage] = make_int4(n0_a, n0_b, more ? flags : flags | LAST, 0);
+      mbar_arrive_expect_tx(full, TILE_TX * (2 * tiles - int(tail_a) - int(tail_b)));
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      if (h == 1 && !(flags & TWO)) break;
-      const int tile_n0 = h == 0 ? n0_a : n0_b;
-      const unsigned dk = base + L::K_OFF + stage * L::STAGE_BYTES + h * BLOCK_N * 128 + off0;
-      const unsigned dv = base + L::V_OFF + stage * L::STAGE_BYTES + h * BLOCK_N * 128 + off0;
-      const T* kp = k_base + (long long)tile_n0 * k_tok;
-      const T* vp = v_base + (long long)tile_n0 * v_tok;
-      const int rows_left = w.k_len - tile_n0 - r0;  // this thread's rows at or past the sequence end load zeros
-      if ((PASSES - 1) * ROWS_PER_PASS < rows_left) {  // the whole tile is inside the sequence (all but the last)
+      for (int h = 0; h < 2; ++h) {
+        if (h == 1 && tiles == 1) break;
+        const int key = w.k_start + (h == 0 ? n0_a : n0_b);
+        const bool tail = h == 0 ? tail_a : tail_b;
 #pragma unroll
-        for (int p = 0; p < PASSES; ++p) {
-          cp_async_16(dk + p * ROWS_PER_PASS * 128, kp, true);
-          cp_async_16(dv + p * ROWS_PER_PASS * 128, vp, true);
-          kp += k_step;
-          vp += v_step;
-        }
-      } else {
-#pragma unroll
-        for (int p = 0; p < PASSES; ++p) {
-          const bool valid = p * ROWS_PER_PASS < rows_left;  // keys past the sequence: zeros (masked causally)
-          cp_async_16(dk + p * ROWS_PER_PASS * 128, valid ? kp : k, valid);
-          cp_async_16(dv + p * ROWS_PER_PASS * 128, valid ? vp : v, valid);
-          kp += k_step;
-          vp += v_step;
+        for (int slab = 0; slab < SLABS; ++slab) {
+          const unsigned off = slab * SLAB_BYTES + h * BLOCK_N * 128;
+          tma_load_3d(k_dst + off, k_map, slab * 64, kv_head, key, full);
+          if (!tail) tma_load_3d(v_dst + off, v_map, slab * 64, kv_head, key, full);
         }
       }
     }
-    cp_async_commit();
-    cp_async_wait<1>();
-    fence_proxy_async();
-    mbar_arrive(published);
-    published = base + L::BAR_OFF + stage * 8;
     ++it;
   }
-  cp_async_wait<0>();
-  fence_proxy_async();
-  mbar_arrive(published);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -668,12 +692,13 @@ __device__ __forceinline__ void consume(unsigned char* smem, T* __restrict__ out
 // Entry point: 384 threads, dynamic shared memory Layout<HEAD_DIM, STAGES>::ALLOC bytes (mirrored by
 // cubsattn/_prefill_sm90.py::smem_bytes); a grid of min(num_items, SMs) CTAs walks the num_tiles x H_q work items
 // (persistent: the producer loads an item's Q and first K/V tiles while the consumers finish the previous one).
+// maps: tensor maps of q, k and v (in that order; 3-D {D, heads, tokens}, boxes of 64 columns x 1 head x 64 tokens,
+// 128-byte swizzle: cubsattn/_tma.py). v is also read directly (tiles crossing a sequence end).
 // next_item: a zeroed int the CTAs draw items from.
 
 template <typename T, int HEAD_DIM, int STAGES>
 __global__ void __launch_bounds__(cubsattn::sm90::THREADS, 1) blocksparse_prefill_sm90(
-    const T* __restrict__ q, long long q_tok, int q_head,      // [T_q, H_q, D]
-    const T* __restrict__ k, long long k_tok, int k_head,      // [T_k, H_kv, D]
+    const cubsattn::sm90::TensorMap* __restrict__ maps,       // [3]: q, k, v
     const T* __restrict__ v, long long v_tok, int v_head,      // [T_k, H_kv, D]
     T* __restrict__ out, long long o_tok, int o_head,          // [T_q, H_q, D]
     const int* __restrict__ tiles,                             // [num_tiles, 2]: (sequence, first position)
@@ -684,8 +709,7 @@ __global__ void __launch_bounds__(cubsattn::sm90::THREADS, 1) blocksparse_prefil
   using namespace cubsattn;
   using namespace cubsattn::sm90;
   using L = Layout<HEAD_DIM, STAGES>;
-  // A warpgroup holds its pending stage while it waits for the next, and the producer publishes a stage only once
-  // the next one is under way: fewer than 3 stages can deadlock.
+  // A warpgroup holds its pending stage while it waits for the next: fewer than 3 stages can deadlock.
   static_assert(STAGES >= 3, "the consumers need at least 3 ring stages");
   static_assert(HEAD_DIM % 64 == 0, "HEAD_DIM must be a multiple of 64 (128-byte swizzle slabs)");
   static_assert(L::ITEM_SLOTS * sizeof(Item) <= L::BYTES - L::ITEM_OFF, "the work-item slots are too small");
@@ -695,30 +719,35 @@ __global__ void __launch_bounds__(cubsattn::sm90::THREADS, 1) blocksparse_prefil
   if (threadIdx.x == 0) {
     const unsigned bars = smem_addr(smem + L::BAR_OFF);
     for (int s = 0; s < STAGES; ++s) {
-      mbar_init(bars + s * 8, 128);                        // full: every producer thread
+      mbar_init(bars + s * 8, 1);                                // full: the producer's arrival (+ its bytes)
       mbar_init(bars + (STAGES + s) * 8, 32 * CONSUMER_WARPS);  // empty: every consumer thread
     }
-    mbar_init(smem_addr(smem + L::Q_BAR_OFF), 128);                     // Q full: every producer thread
+    mbar_init(smem_addr(smem + L::Q_BAR_OFF), 1);                       // Q full: the producer's arrival
     mbar_init(smem_addr(smem + L::Q_BAR_OFF + 8), 32 * CONSUMER_WARPS);  // Q empty: every consumer thread
+    // The barriers' initialisation is visible to the tensor copies (async proxy) that complete on them.
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
   __syncthreads();
 
   // Registers: 384 threads start with 168 each; the producer needs few, the consumers (O, a pair's scores and P)
-  // more: 128 x 56 + 256 x 224 = 384 x 168 (the pool a CTA starts with).
+  // more: 128 x PRODUCER_REGS + 256 x CONSUMER_REGS = 384 x 168 (the pool a CTA starts with).
   //
   // Item n uses work-item slot n % 3. The producer loads item n + 1's Q and first tiles while the consumers work on
   // item n (they release the Q buffer once they hold item n's Q in registers).
   const int wg = threadIdx.x / 128;
   if (wg == 0) {
-    asm volatile("setmaxnreg.dec.sync.aligned.u32 56;\n" ::: "memory");
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(PRODUCER_REGS) : "memory");
+    if (threadIdx.x >= 32) return;  // one warp issues the copies
     Item* slots = reinterpret_cast<Item*>(smem + L::ITEM_OFF);
     const unsigned q_full = smem_addr(smem + L::Q_BAR_OFF), q_empty = q_full + 8;
+    if (threadIdx.x == 0)
+      for (int m = 0; m < 3; ++m) tensormap_acquire(maps + m);
     int it = 0;
-    // Thread 0 reads each item one ahead (Item::load) right after issuing the current item's Q, its number drawn
+    // Lane 0 reads each item one ahead (Item::load) right after issuing the current item's Q, its number drawn
     // one item earlier, so the chain of dependent global loads (counter, schedule, cu_seqlens, indptr, indices)
-    // is off the path from one item's last tile to the next item's Q. The producer warpgroup reads an item after a
-    // named barrier, the consumers once its Q barrier completes. Slot (n + 1) % 3 was last read at the start of
-    // item n - 2, and the producer has seen item n - 1's Q released before item n: the consumers are past it.
+    // is off the path from one item's last tile to the next item's Q. The warp reads an item after __syncwarp,
+    // the consumers once its Q barrier completes. Slot (n + 1) % 3 was last read at the start of item n - 2, and
+    // the producer has seen item n - 1's Q released before item n: the consumers are past it.
     const Schedule sched = {tiles, cu_q, cu_k, indptr, indices, next_item, num_items, num_heads, num_blocks,
                             nnz_stride, block_size};
     int drawn = 0;
@@ -728,18 +757,18 @@ __global__ void __launch_bounds__(cubsattn::sm90::THREADS, 1) blocksparse_prefil
     }
     for (int n = 0, slot = 0;; ++n, slot = L::next_slot(slot)) {
       if (n >= 1) mbar_wait(q_empty, (n - 1) & 1);  // the consumers have item n - 1's Q in registers
-      asm volatile("bar.sync 3, 128;\n" ::: "memory");  // the producer warpgroup reads the slot
+      __syncwarp();  // lane 0 wrote the slot
       const Item w = slots[slot];
       if (w.head < 0) {  // no work left: the consumers read the slot and stop
-        mbar_arrive(q_full);
+        if (threadIdx.x == 0) mbar_arrive(q_full);
         break;
       }
-      produce<T, HEAD_DIM, STAGES>(smem, q, q_tok, q_head, k, k_tok, k_head, v, v_tok, v_head, w, w.head / group,
+      produce<T, HEAD_DIM, STAGES>(smem, maps, v, v_tok, v_head, w, w.head / group,
                                    KeyWalk(w, indices, nnz_stride, block_size), it, sched,
                                    &slots[L::next_slot(slot)], drawn);
     }
   } else {
-    asm volatile("setmaxnreg.inc.sync.aligned.u32 224;\n" ::: "memory");
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(CONSUMER_REGS) : "memory");
     const int c = wg - 1;
     const int row_bit = block_size == 64 ? c : 0;  // the CSR row of this warpgroup's 64 rows
     RingCursor<STAGES> ring;

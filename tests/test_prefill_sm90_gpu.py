@@ -121,6 +121,49 @@ def test_one_warpgroup_skips_long_runs(cp, rng):
     check_against_oracle(gpu, q, k, v, cu_q, cu_k, layout, mask, 64, None)
 
 
+@pytest.mark.parametrize("d, block", [(128, 64), (64, 128)], ids=str)
+def test_neighbour_inf_nan_stays_out(cp, rng, d, block):
+    """Tensor copies read whole 64-row boxes, so a tile crossing a sequence's end holds the next sequence's rows:
+    NaN / inf keys and values there (and queries before a sequence) must not reach this sequence's output."""
+    heads, kv_heads = 4, 2
+    layout, mask = rule_problem(1024, heads, kv_heads, block, 2, 3)
+    q_lens, k_lens = [200, 70, 150], [230, 70, 300]  # sequence ends mid-tile
+    q, k, v, cu_q, cu_k = make_inputs(rng, q_lens, k_lens, heads, kv_heads, d, BF16)
+    poisoned = 1  # sequence 1 is all NaN / inf; its neighbours must not notice
+    for arr, cu, val in ((k, cu_k, np.nan), (v, cu_k, np.inf), (q, cu_q, np.nan)):
+        lo, hi = cu[poisoned], cu[poisoned + 1]
+        arr[lo:hi] = val
+    gpu = run_sm90(cp, q, k, v, cu_q, cu_k, layout, None)
+    clean = [i for i in range(len(q_lens)) if i != poisoned]
+    rtol, atol = TOLERANCES[np.dtype(BF16)]
+    for i in clean:
+        sub = lambda a, cu: a[cu[i]:cu[i + 1]]  # noqa: E731
+        want = run_path(cp, _prefill_cuda, sub(q, cu_q), sub(k, cu_k), sub(v, cu_k), [0, q_lens[i]],
+                        [0, k_lens[i]], layout, None)
+        got = gpu[cu_q[i]:cu_q[i + 1]].astype(np.float64)
+        assert np.isfinite(got).all(), f"sequence {i}: its neighbour's NaN / inf leaked in"
+        np.testing.assert_allclose(got, want.astype(np.float64), rtol=rtol, atol=atol)
+
+
+def test_broadcast_head_stride_falls_back(cp, rng):
+    """A k/v head stride of 0 (one kv head broadcast to two) cannot be a tensor map: supports() says no, and the
+    public call runs the sm_80 kernel and still gives the right answer."""
+    import cubsattn
+
+    layout, mask = rule_problem(256, 4, 2, 64, 2, 2)
+    q, k1, v1, cu_q, cu_k = make_inputs(rng, [150], [150], 4, 1, 64, FP16)
+    k = cp.broadcast_to(cp.asarray(k1), (150, 2, 64))
+    v = cp.broadcast_to(cp.asarray(v1), (150, 2, 64))
+    assert not _prefill_sm90.supports(cp.asarray(q), k, v, layout)
+    got = cubsattn.blocksparse_prefill(cp.asarray(q), k, v, cu_q, cu_k, layout).get()
+    want = run_path(cp, _prefill_cuda, q, np.repeat(k1, 2, axis=1), np.repeat(v1, 2, axis=1), cu_q, cu_k,
+                    layout, None)
+    np.testing.assert_array_equal(got, want)
+    with pytest.raises(ValueError, match="tensor copies"):
+        _prefill_sm90.prefill(cp.asarray(q), k, v, np.asarray(cu_q), np.asarray(cu_k), layout, 0.1,
+                              cp.empty(q.shape, q.dtype))
+
+
 # ---- properties -----------------------------------------------------------------------------------------------
 
 def test_deterministic(cp, rng):
@@ -163,10 +206,12 @@ def test_supports(cp):
     layout32, _ = rule_problem(256, 2, 1, 32, 2, 2)
     q = cp.zeros((10, 2, 128), dtype=BF16)
     k = cp.zeros((10, 1, 128), dtype=BF16)
-    assert _prefill_sm90.supports(q, k, layout64)
-    assert not _prefill_sm90.supports(q, k, layout32)
-    assert not _prefill_sm90.supports(cp.zeros((10, 2, 96), FP16), cp.zeros((10, 1, 96), FP16), layout64)
-    assert not _prefill_sm90.supports(cp.zeros((10, 2, 256), FP16)[:, :, ::2], k, layout64)
+    assert _prefill_sm90.supports(q, k, k, layout64)
+    assert not _prefill_sm90.supports(q, k, k, layout32)
+    k96 = cp.zeros((10, 1, 96), FP16)
+    assert not _prefill_sm90.supports(cp.zeros((10, 2, 96), FP16), k96, k96, layout64)
+    assert not _prefill_sm90.supports(cp.zeros((10, 2, 256), FP16)[:, :, ::2], k, k, layout64)
+    assert not _prefill_sm90.supports(q, k, cp.zeros((10, 2, 136), BF16)[:, :1, 4:132], layout64)  # 8-byte offset
 
 
 def test_unsupported_sizes_raise(cp):
