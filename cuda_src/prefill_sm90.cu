@@ -339,10 +339,8 @@ __device__ __forceinline__ void produce(unsigned char* smem, const TensorMap* __
       for (int slab = 0; slab < SLABS; ++slab)
         tma_load_3d(base + L::Q_OFF + half * L::TILE_BYTES + slab * BLOCK_N * 128, q_map, slab * 64, w.head,
                     token + half * BLOCK_N, bar);
-    // Read the next item (its number drawn one item earlier) while this Q is in flight.
-    sched.load(*next, drawn);
-    drawn = sched.draw();
   }
+  bool next_read = false;  // lane 0: the next item read (after this item's first stage is under way)
   // One tile ahead, so that the last stage can be flagged. An item without tiles sends one that no row attends
   // (mask 0): the consumers' loop then always runs at least once (a path around it, from zeroing O to storing it,
   // makes ptxas serialise every wgmma of the kernel, C7515).
@@ -394,6 +392,11 @@ __device__ __forceinline__ void produce(unsigned char* smem, const TensorMap* __
       }
     }
     ++it;
+    if (lane == 0 && !next_read) {  // the next item (its number drawn one item earlier)
+      sched.load(*next, drawn);
+      drawn = sched.draw();
+      next_read = true;
+    }
   }
 }
 
