@@ -58,8 +58,9 @@ def blocksparse_prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, layout: BlockSparse
     out : array ``[T_q, H_q, head_size]`` of q's dtype, optional
         Written in place and returned.
     kernel : {"auto", "sm80", "sm90"}
-        GPU kernel. "auto" takes the Hopper kernel (wgmma, sm_90a) where it supports the call (compute capability
-        9.0, fp16/bf16, head size 64/128, block size 64/128) and the mma.sync kernel (sm_80 and newer) elsewhere.
+        GPU kernel. "auto" takes the Hopper kernel (wgmma and tensor copies, sm_90a) where it supports the call
+        (compute capability 9.0, fp16/bf16, head size 64/128, block size 64/128, q/k/v 16-byte aligned with head and
+        token strides that are positive multiples of 16 bytes) and the mma.sync kernel (sm_80 and newer) elsewhere.
         Ignored for NumPy arrays.
 
     Returns

@@ -1,11 +1,11 @@
 // blocksparse_prefill_sm90: varlen block-sparse causal attention for Hopper (sm_90a): wgmma.mma_async with fp32
-// accumulate, K/V tiles in 128-byte-swizzled shared memory filled by a producer warpgroup (cp.async, mbarriers),
-// fp32 online softmax in base 2; Q K^T takes Q from registers. Same semantics as prefill.cu (queries are the last
-// q_len key positions).
+// accumulate, Q/K/V tiles in 128-byte-swizzled shared memory filled by tensor copies (cp.async.bulk.tensor, TMA)
+// that complete on mbarriers, fp32 online softmax in base 2; Q K^T takes Q from registers. Same semantics as
+// prefill.cu (queries are the last q_len key positions).
 // q [T_q, H_q, D], k/v [T_k, H_kv, D], out [T_q, H_q, D]: last dim contiguous, token/head strides in elements.
-// Grid: persistent, at most one CTA per SM, drawing (128-row query tile, q head) work items from a counter;
-// warpgroup 0 loads Q and K/V, warpgroups 1 and 2 each own 64 query rows and consume the ring's stages (two 64-key
-// tiles each).
+// Grid: persistent, at most one CTA per SM, drawing (128-row query tile, q head) work items from a counter; one
+// warp of warpgroup 0 issues the copies, warpgroups 1 and 2 each own 64 query rows and consume the ring's stages
+// (two 64-key tiles each).
 #include "common.cuh"
 
 namespace cubsattn {
