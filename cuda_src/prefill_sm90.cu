@@ -289,8 +289,9 @@ struct KeyWalk {
 // Producer (warp 0 of warpgroup 0), one work item. Lane 0 issues the tensor copies: the Q tile (two 64-row halves,
 // one box per half and 64-column slab) onto the Q full barrier, then the K/V tiles of the walk, two per ring stage,
 // onto the stage's full barrier. Each barrier takes one arrival (lane 0's, which also sets the bytes to expect) and
-// completes when the copies have landed. After the Q copies lane 0 reads the next item into `next`
-// (Schedule::load). `it` counts ring stages across the CTA's items.
+// completes when the copies have landed. Once the item's first stage is issued, lane 0 reads the next item into
+// `next` (Schedule::load; before it, the dependent loads delayed every item's first copies). `it` counts ring
+// stages across the CTA's items.
 //
 // Rows the copies must not take from memory: Q rows outside [pos_lo, pos_hi) get whatever the box holds (a
 // neighbouring sequence's queries, or the zeros a box past either end of the tensor gets): each output row depends
@@ -746,9 +747,9 @@ __global__ void __launch_bounds__(cubsattn::sm90::THREADS, 1) blocksparse_prefil
     if (threadIdx.x == 0)
       for (int m = 0; m < 3; ++m) tensormap_acquire(maps + m);
     int it = 0;
-    // Lane 0 reads each item one ahead (Item::load) right after issuing the current item's Q, its number drawn
-    // one item earlier, so the chain of dependent global loads (counter, schedule, cu_seqlens, indptr, indices)
-    // is off the path from one item's last tile to the next item's Q. The warp reads an item after __syncwarp,
+    // Lane 0 reads each item one ahead (Item::load) once the current item's first stage is issued, its number
+    // drawn one item earlier, so the chain of dependent global loads (counter, schedule, cu_seqlens, indptr,
+    // indices) is off the path from one item's last tile to the next item's Q. The warp reads an item after __syncwarp,
     // the consumers once its Q barrier completes. Slot (n + 1) % 3 was last read at the start of item n - 2, and
     // the producer has seen item n - 1's Q released before item n: the consumers are past it.
     const Schedule sched = {tiles, cu_q, cu_k, indptr, indices, next_item, num_items, num_heads, num_blocks,
