@@ -1052,10 +1052,7 @@ struct Shape {
 };
 
 #if __CUDA_ARCH__ >= 900
-// Arrive once and add `bytes` to the transaction count the phase waits for.
-__device__ __forceinline__ void mbar_arrive_expect_tx(unsigned bar, unsigned bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
-}
+// (mbar_arrive_expect_tx: common.cuh.)
 
 // Global -> shared copy of `bytes` (a multiple of 16, both addresses 16-byte aligned), completing on `bar`.
 __device__ __forceinline__ void bulk_load(unsigned dst, const void* src, unsigned bytes, unsigned bar) {
@@ -1128,7 +1125,7 @@ __global__ void __launch_bounds__(bulk::kThreads, HEAD <= 128 ? 2 : 1) paged_dec
       if (st >= STAGES) mbar_wait(empty0 + 8 * slot, ((st / STAGES) - 1) & 1);
       const int first = st * blocks_per_stage;
       const int nb = min(blocks_per_stage, n_act - first);
-      if (lane == 0) bulk::mbar_arrive_expect_tx(full0 + 8 * slot, 2 * nb * slice);
+      if (lane == 0) mbar_arrive_expect_tx(full0 + 8 * slot, 2 * nb * slice);
       __syncwarp();
       if (lane < 2 * nb) {
         const int e = lane >> 1, is_v = lane & 1;
