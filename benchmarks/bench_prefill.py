@@ -1,11 +1,14 @@
 """Block-sparse prefill benchmark: cubsattn's CUDA kernel against torch SDPA (dense causal) and FlexAttention.
 
 Columns "cubsattn" = the sm_80 mma.sync kernel (``blocksparse_prefill(kernel="sm80")``); "sm90" = the Hopper wgmma
-kernel (``_prefill_sm90.prefill``, what ``kernel="auto"`` picks on compute capability 9.0 where it applies).
+kernel (``blocksparse_prefill(kernel="sm90")``, what ``kernel="auto"`` picks on compute capability 9.0 where it
+applies); "sm90 host ms" = the host time of that call (argument checks, cached schedule and tensor maps, launch).
 
 Phi-3-small per rank (BENCHMARKS.md): 32 q heads, 8 kv heads, head_size 128, block 64, local 16, vert 8, step 1,
 scale 1/128. Useful TF/s = layout.flops / time (4 * D * allowed pairs); SDPA's TF/s counts its dense causal pairs.
-Times are medians of CUDA-event-timed runs after warm-up. torch is used only here, with zero-copy DLPack hand-over.
+Times are medians of CUDA-event-timed runs after warm-up, of each call's GPU work: a 1 GiB buffer is overwritten
+before every timed call (kernels and peers alike), so the host launches the call while the GPU is still busy and
+every call starts with a cold L2. torch is used only here, with zero-copy DLPack hand-over.
 
     python benchmarks/bench_prefill.py [--dtype bf16|fp16] [--head-size 128] [--configs 4k,16k,64k] [--no-peers | --no-flex]
     python benchmarks/bench_prefill.py --startup      # first-use compile time and cached import + first call
