@@ -13,6 +13,7 @@ every call starts with a cold L2. torch is used only here, with zero-copy DLPack
     python benchmarks/bench_prefill.py [--dtype bf16|fp16] [--head-size 128] [--configs 4k,16k,64k] [--no-peers | --no-flex]
     python benchmarks/bench_prefill.py --startup      # first-use compile time and cached import + first call
     python benchmarks/bench_prefill.py --chunked      # paged-K/V chunked prefill vs the contiguous kernel
+    python benchmarks/bench_prefill.py --with-host    # time calls from an idle GPU (the pre-session-7 method)
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import _timing
 
 # Prefill calls are long: fewer repeats than the decode benchmark's.
 # GPU time of each call (L2 flushed, the host's launch work outside the events) for every kernel and peer alike;
-# the sm_90a call's host time is reported beside it.
+# the sm_90a call's host time is reported beside it. --with-host times from an idle GPU instead.
 time_cuda = functools.partial(_timing.time_cuda, warmup=3, repeat=10, gpu_only=True)
 
 CONFIGS = {"4k": (4, 4096), "16k": (1, 16384), "64k": (1, 65536)}
@@ -253,7 +254,12 @@ def main():
     p.add_argument("--tile", help="BLOCK_M,WARPS,BLOCK_N: a compiled alternative tile (see _prefill_cuda)")
     p.add_argument("--startup", action="store_true", help="measure compile and cached-start times instead")
     p.add_argument("--chunked", action="store_true", help="paged chunked prefill vs the contiguous kernel instead")
+    p.add_argument("--with-host", action="store_true",
+                   help="time each call from an idle GPU instead (its host work before the launch inside the events)")
     args = p.parse_args()
+    if args.with_host:
+        global time_cuda
+        time_cuda = functools.partial(_timing.time_cuda, warmup=3, repeat=10)
     if args.startup:
         startup()
     elif args.chunked:
