@@ -97,10 +97,6 @@ __device__ __forceinline__ void cp_async(void* smem_dst, const void* gmem_src) {
   }
 }
 
-
-template <int N>
-__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
-
 // ---------------------------------------------------------------------------------------------------------------
 // Cache element -> fp32. fp8 E4M3 (uint8) bits are moved under fp16's exponent/mantissa, which is exact and yields
 // value * 2^-8 (the bias differs by 8); kFp8Unbias undoes that together with k_scale / v_scale, once per score or

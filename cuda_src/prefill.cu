@@ -16,14 +16,11 @@ namespace prefill {
 // ---------------------------------------------------------------------------------------------------------------
 // PTX wrappers
 
-// (smem_addr, cp_async_16, cp_async_commit, ldmatrix_x4, pack2 and exp2_approx: common.cuh.)
+// (smem_addr, cp_async_16, cp_async_commit, cp_async_wait, ldmatrix_x4, pack2 and exp2_approx: common.cuh.)
 
 // 16-byte copy of which only the first `bytes` (0..16) are read; the rest of the destination is zero-filled.
 __device__ __forceinline__ void cp_async_16_part(unsigned dst, const void* src, int bytes) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(bytes));
-}
-template <int N> __device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
 __device__ __forceinline__ void ldmatrix_x4_trans(unsigned (&r)[4], unsigned addr) {

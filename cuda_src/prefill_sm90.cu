@@ -26,11 +26,8 @@ static_assert(128 * PRODUCER_REGS + 256 * CONSUMER_REGS <= THREADS * (65536 / TH
 // ---------------------------------------------------------------------------------------------------------------
 // PTX wrappers
 
-// (smem_addr, cp_async_16, cp_async_commit, the mbarrier wrappers, pack2 and exp2_approx: common.cuh.)
-
-template <int N> __device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
+// (smem_addr, cp_async_16, cp_async_commit, cp_async_wait, the mbarrier wrappers, pack2 and exp2_approx:
+// common.cuh.)
 
 // Generic-proxy shared-memory writes (cp.async) become visible to the async proxy (wgmma operand reads).
 __device__ __forceinline__ void fence_proxy_async() {
