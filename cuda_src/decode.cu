@@ -748,14 +748,6 @@ struct Shape {
   static_assert(kWarps * 8 * HEAD * 4 <= kStages * kStageBytes, "epilogue scratch must fit the stages");
 };
 
-__device__ __forceinline__ void ldmatrix_x4(unsigned (&r)[4], const void* smem_row) {
-  const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(smem_row));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(a)
-               : "memory");
-}
-
 // c[0..1] += A B for rows 0..7 of a m16n8k16 tile whose rows 8..15 are zero: A = {a0, 0, a2, 0}; the zero rows'
 // outputs are discarded so they cost no accumulator registers.
 template <typename T>
@@ -817,7 +809,7 @@ __device__ __forceinline__ void attend16(const unsigned char* k_lane, int k_step
 #pragma unroll
   for (int kk = 0; kk < HEAD / 16; ++kk) {
     unsigned b[4];
-    ldmatrix_x4(b, k_lane + kk * k_step);
+    ldmatrix_x4(b, smem_addr(k_lane + kk * k_step));
     mma_rows8<T>(s0, qa0[kk], qa2[kk], b[0], b[1]);
     mma_rows8<T>(s1, qa0[kk], qa2[kk], b[2], b[3]);
   }
@@ -851,7 +843,7 @@ __device__ __forceinline__ void attend16(const unsigned char* k_lane, int k_step
 #pragma unroll
   for (int nn = 0; nn < HEAD / 16; ++nn) {
     unsigned b[4];
-    ldmatrix_x4(b, v_lane + nn * v_step);
+    ldmatrix_x4(b, smem_addr(v_lane + nn * v_step));
     mma_rows8<T>(o[2 * nn], pa0, pa2, b[0], b[1]);
     mma_rows8<T>(o[2 * nn + 1], pa0, pa2, b[2], b[3]);
   }
