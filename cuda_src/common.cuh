@@ -41,6 +41,9 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
+// -inf (NVRTC has no INFINITY macro without <cmath>): masked scores and empty running maxima.
+__device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
+
 // ---------------------------------------------------------------------------------------------------------------
 // Register packing and the SFU exponential.
 

@@ -164,7 +164,6 @@ struct Convert<unsigned char> {
   }
 };
 
-__device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
 
 // ---------------------------------------------------------------------------------------------------------------
 // Split combine, fused into the attention kernels (no second launch, whose host time every eager call paid, and no

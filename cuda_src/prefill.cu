@@ -11,8 +11,6 @@
 namespace cubsattn {
 namespace prefill {
 
-#define NEG_INF (-__int_as_float(0x7f800000))  // NVRTC has no INFINITY macro without <cmath>
-
 // ---------------------------------------------------------------------------------------------------------------
 // PTX wrappers
 
@@ -451,7 +449,7 @@ __device__ __forceinline__ void prefill_tile(
   for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
     for (int j = 0; j < DT; ++j) acc[mt][j][0] = acc[mt][j][1] = acc[mt][j][2] = acc[mt][j][3] = 0.f;
-    row_max[mt][0] = row_max[mt][1] = NEG_INF;
+    row_max[mt][0] = row_max[mt][1] = neg_inf();
     row_sum[mt][0] = row_sum[mt][1] = 0.f;
   }
 
@@ -534,9 +532,9 @@ __device__ __forceinline__ void prefill_tile(
               const bool in_row = (wbits[mt] >> (key_off >> block_shift)) & 1u;
               if constexpr (Cache::ENABLED) {
                 if (n0_cur + key_off > pos || !in_row || (cut && (n0_cur + key_off < past) != cached_cur))
-                  s[mt][j][e] = NEG_INF;
+                  s[mt][j][e] = neg_inf();
               } else {
-                if (n0_cur + key_off > pos || !in_row) s[mt][j][e] = NEG_INF;
+                if (n0_cur + key_off > pos || !in_row) s[mt][j][e] = neg_inf();
               }
             }
         }
@@ -550,7 +548,7 @@ __device__ __forceinline__ void prefill_tile(
           for (int j = 0; j < NT; ++j) mx = fmaxf(mx, fmaxf(s[mt][j][2 * r], s[mt][j][2 * r + 1]));
           mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
           mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-          const float base = mx == NEG_INF ? 0.f : mx * scale_log2;  // no key yet: keep everything finite
+          const float base = mx == neg_inf() ? 0.f : mx * scale_log2;  // no key yet: keep everything finite
           scale_old[mt][r] = exp2_approx(row_max[mt][r] * scale_log2 - base);
           row_max[mt][r] = mx;
           float sum = 0.f;

@@ -11,8 +11,6 @@
 namespace cubsattn {
 namespace sm90 {
 
-#define NEG_INF (-__int_as_float(0x7f800000))  // NVRTC has no INFINITY macro without <cmath>
-
 constexpr int BLOCK_M = 128;     // query rows per CTA: two consumer warpgroups of 64
 constexpr int BLOCK_N = 64;      // keys per K/V tile (= one 64-key block, half of a 128-key block)
 constexpr int STAGE_KEYS = 128;  // key rows per ring stage: two tiles of the walk
@@ -508,7 +506,7 @@ __device__ __forceinline__ void attend(float (&acc)[HEAD_DIM / 64][32], const un
       for (int j = 0; j < 8; ++j)
 #pragma unroll
         for (int e = 0; e < 4; ++e)
-          if (n0[h] + j * 8 + 2 * tq + (e & 1) > pos[e >> 1]) s[32 * h + j * 4 + e] = NEG_INF;
+          if (n0[h] + j * 8 + 2 * tq + (e & 1) > pos[e >> 1]) s[32 * h + j * 4 + e] = neg_inf();
     }
   }
 
@@ -531,7 +529,7 @@ __device__ __forceinline__ void attend(float (&acc)[HEAD_DIM / 64][32], const un
     float mx = fmaxf(m[0], row_max[r]);
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-    base_r[r] = mx == NEG_INF ? 0.f : mx * scale_log2;  // no key yet: keep everything finite
+    base_r[r] = mx == neg_inf() ? 0.f : mx * scale_log2;  // no key yet: keep everything finite
     scale_old[r] = exp2_approx(row_max[r] * scale_log2 - base_r[r]);
     row_max[r] = mx;
     row_sum[r] *= scale_old[r];  // per-lane partial; quad-reduced at the end
@@ -660,7 +658,7 @@ __device__ __forceinline__ void consume(unsigned char* smem, T* __restrict__ out
   for (int b = 0; b < DB; ++b)
 #pragma unroll
     for (int i = 0; i < 32; ++i) acc[b][i] = 0.f;
-  float row_max[2] = {NEG_INF, NEG_INF}, row_sum[2] = {0.f, 0.f};
+  float row_max[2] = {neg_inf(), neg_inf()}, row_sum[2] = {0.f, 0.f};
 
   // Walk the ring one stage at a time. The previous step's P V is waited for before a step with nothing live: a
   // warpgroup never holds a stage while passing over others, or the producer could wait for such a stage while the
